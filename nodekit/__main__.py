@@ -1,0 +1,5 @@
+"""`python -m nodekit`."""
+
+from nodekit.cli import main
+
+main()

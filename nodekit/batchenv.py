@@ -1,0 +1,140 @@
+"""The Batch environment, read once, and the job's folders with their path guard.
+
+`BatchEnv.from_environ(mapping)` is the only reader of `AZ_BATCH_*`; nothing below the CLI
+reads `os.environ`. `job_folder` and `ensure_inside` are the guard that every write and
+delete goes through: they resolve paths and refuse anything outside the job's folders.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from nodekit.errors import BatchEnvError, UnsafeInput
+
+# Batch ids: letters, digits, hyphens and underscores, at most 64 characters.
+_BATCH_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+_VARS = {
+    "root_dir": "AZ_BATCH_NODE_ROOT_DIR",
+    "shared_dir": "AZ_BATCH_NODE_SHARED_DIR",
+    "startup_dir": "AZ_BATCH_NODE_STARTUP_DIR",
+    "task_dir": "AZ_BATCH_TASK_DIR",
+    "task_working_dir": "AZ_BATCH_TASK_WORKING_DIR",
+    "job_prep_dir": "AZ_BATCH_JOB_PREP_DIR",
+    "job_prep_working_dir": "AZ_BATCH_JOB_PREP_WORKING_DIR",
+    "job_id": "AZ_BATCH_JOB_ID",
+    "task_id": "AZ_BATCH_TASK_ID",
+    "node_id": "AZ_BATCH_NODE_ID",
+    "pool_id": "AZ_BATCH_POOL_ID",
+    "account_name": "AZ_BATCH_ACCOUNT_NAME",
+    "account_url": "AZ_BATCH_ACCOUNT_URL",
+}
+
+# Which command-line option stands in for a variable on a local run.
+_OPTION_FOR = {"shared_dir": "--shared-dir", "job_id": "--job-id", "node_id": "--node-id"}
+
+
+@dataclass(frozen=True)
+class BatchEnv:
+    """The `AZ_BATCH_*` variables nodekit uses; a field is None when its variable is unset or empty."""
+
+    root_dir: str | None = None
+    shared_dir: str | None = None
+    startup_dir: str | None = None
+    task_dir: str | None = None
+    task_working_dir: str | None = None
+    job_prep_dir: str | None = None
+    job_prep_working_dir: str | None = None
+    job_id: str | None = None
+    task_id: str | None = None
+    node_id: str | None = None
+    pool_id: str | None = None
+    account_name: str | None = None
+    account_url: str | None = None
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> BatchEnv:
+        """Read the variables from `environ`; an empty value counts as unset."""
+        return cls(**{field: (environ.get(var) or None) for field, var in _VARS.items()})
+
+    def with_overrides(self, **values: str | None) -> BatchEnv:
+        """A copy with the given fields replaced where the value is not None (command-line options)."""
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+    def require(self, field: str) -> str:
+        """The value of `field`, or BatchEnvError naming the variable and the option to use."""
+        value = getattr(self, field)
+        if value is None or not str(value).strip():
+            var = _VARS[field]
+            option = _OPTION_FOR.get(field)
+            hint = f"run this on a Batch node, or pass {option} for a local run" if option else (
+                "run this on a Batch node"
+            )
+            raise BatchEnvError(f"{var} is not set: {hint}.")
+        return str(value)
+
+
+def check_job_id(job_id: str) -> str:
+    """Return `job_id` if it follows Batch's rules for ids, else raise UnsafeInput."""
+    if not _BATCH_ID.match(job_id):
+        raise UnsafeInput(
+            f"job id {job_id!r} is not a valid Batch id (letters, digits, '-' and '_', "
+            "at most 64 characters): refusing to use it as a folder name."
+        )
+    return job_id
+
+
+def shared_root(env: BatchEnv) -> Path:
+    """The node's shared directory, resolved; refuses a missing, relative-to-nothing or root folder."""
+    raw = env.require("shared_dir")
+    path = Path(raw).expanduser()
+    try:
+        resolved = path.resolve(strict=True)
+    except (FileNotFoundError, NotADirectoryError):
+        raise BatchEnvError(
+            f"the shared directory {raw} does not exist: check AZ_BATCH_NODE_SHARED_DIR or --shared-dir."
+        ) from None
+    except OSError as err:
+        raise BatchEnvError(f"the shared directory {raw} cannot be used: {err.strerror}.") from err
+    if not resolved.is_dir():
+        raise BatchEnvError(f"the shared directory {raw} is not a folder.")
+    if resolved == Path(resolved.anchor):
+        raise UnsafeInput(
+            f"the shared directory resolves to {resolved}, the root of a file system: refusing to use it."
+        )
+    return resolved
+
+
+def job_folder(env: BatchEnv, dest: str | None = None) -> tuple[Path, Path]:
+    """(shared directory, the job's folder in it), both resolved.
+
+    The job folder is `<shared>/<job id>` unless `dest` names another folder, which must lie
+    strictly inside the shared directory. Raises BatchEnvError or UnsafeInput; touches nothing.
+    """
+    shared = shared_root(env)
+    if dest is None:
+        job_id = check_job_id(env.require("job_id"))
+        return shared, shared / job_id
+    candidate = Path(dest).expanduser()
+    if not candidate.is_absolute():
+        candidate = shared / candidate
+    return shared, ensure_inside(shared, candidate, what="the destination", strict_child=True)
+
+
+def ensure_inside(root: Path, path: Path, *, what: str, strict_child: bool = False) -> Path:
+    """Resolve `path` (following links that exist) and return it if it lies inside `root`.
+
+    `root` must already be resolved. With `strict_child`, `path` may not be `root` itself.
+    Raises UnsafeInput naming `what` otherwise. Touches nothing on disk.
+    """
+    resolved = Path(os.path.realpath(path))
+    inside = resolved == root or root in resolved.parents
+    if not inside or (strict_child and resolved == root):
+        raise UnsafeInput(
+            f"{what} {path} resolves to {resolved}, which is not inside {root}: refusing to use it."
+        )
+    return resolved

@@ -1,0 +1,173 @@
+"""The command line: a thin click layer over the library.
+
+Each command parses its options, makes one library call and prints. `NodekitGroup.invoke`
+is the one place where errors become a one-line `Error: ...` on stderr and an exit code
+(see errors.ExitCode). Logging is configured here once: progress and per-file lines on
+stdout, warnings and errors on stderr, no colour or carriage returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from nodekit import __version__
+from nodekit.batchenv import BatchEnv
+from nodekit.credentials import CredentialEnv
+from nodekit.errors import ExitCode, NodekitError
+from nodekit.redact import ScrubFilter, scrub
+from nodekit.spec import PrepSettings, Spec, load_spec, parse_duration, sources_from_args
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("nodekit")
+
+
+class _MaxLevel(logging.Filter):
+    def __init__(self, below: int) -> None:
+        super().__init__()
+        self.below = below
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.below
+
+
+def setup_logging(verbose: bool) -> None:
+    """INFO (DEBUG with --verbose) to stdout, WARNING and up to stderr; secrets scrubbed from both."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_nodekit", False):
+            root.removeHandler(handler)
+    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    out = logging.StreamHandler(click.get_text_stream("stdout"))
+    out.addFilter(_MaxLevel(logging.WARNING))
+    err = logging.StreamHandler(click.get_text_stream("stderr"))
+    err.setLevel(logging.WARNING)
+    for handler in (out, err):
+        handler.setFormatter(fmt)
+        handler.addFilter(ScrubFilter())
+        handler._nodekit = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    quiet = logging.DEBUG if verbose else logging.WARNING
+    for name in ("azure", "urllib3"):
+        logging.getLogger(name).setLevel(quiet)
+
+
+class NodekitGroup(click.Group):
+    """The group: turns NodekitError into `Error: ...` and its exit code, in one place."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except NodekitError as err:
+            click.echo(f"Error: {scrub(str(err))}", err=True)
+            ctx.exit(int(err.exit_code))
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted.", err=True)
+            ctx.exit(130)
+        except Exception as err:  # a bug: say so in one line; the traceback only with --verbose
+            if ctx.find_root().params.get("verbose"):
+                log.exception("unexpected error")
+            click.echo(f"Error: unexpected {type(err).__name__}: {scrub(str(err))} "
+                       "(a nodekit bug: run with --verbose and report it).", err=True)
+            ctx.exit(int(ExitCode.FAILURE))
+
+
+def _duration(option: str, maximum: float) -> Callable[[click.Context, click.Parameter, Any], float | None]:
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> float | None:
+        if value is None:
+            return None
+        try:
+            return parse_duration(value, what=option, maximum=maximum)
+        except NodekitError as err:
+            raise click.BadParameter(str(err)) from None
+    return callback
+
+
+def local_run_options(fn: F) -> F:
+    """--shared-dir and --job-id: stand-ins for the Batch variables on a local run."""
+    fn = click.option("--job-id", metavar="ID",
+                      help="Job id for a local run (default: $AZ_BATCH_JOB_ID).")(fn)
+    fn = click.option("--shared-dir", metavar="DIR", type=click.Path(file_okay=False),
+                      help="Node shared directory for a local run (default: $AZ_BATCH_NODE_SHARED_DIR).")(fn)
+    return fn
+
+
+@click.group(cls=NodekitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="nodekit")
+@click.option("-v", "--verbose", is_flag=True, envvar="NODEKIT_VERBOSE",
+              help="Log every file decision and the storage SDK's messages; tracebacks on bugs.")
+def cli(verbose: bool) -> None:
+    """Job preparation and release tasks for Azure Batch nodes.
+
+    Exit codes: 0 ok, 1 internal error, 2 usage, 3 Batch variable missing, 4 source not
+    found or access denied, 5 transient failure (retry may help), 6 unsafe input refused,
+    7 checksum mismatch, 8 local disk error.
+    """
+    setup_logging(verbose)
+
+
+@cli.command("prep")
+@click.argument("sources", nargs=-1, metavar="[NAME=]SOURCE...")
+@click.option("--spec", "spec_path", type=click.Path(dir_okay=False), envvar="NODEKIT_SPEC",
+              help="Description file (JSON) listing the sources; command-line options win over it.")
+@click.option("--include", multiple=True, metavar="GLOB", help="Only files matching GLOB (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files matching GLOB (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (download, skip, remove and why); change nothing.")
+@click.option("--timeout", callback=_duration("--timeout", 24 * 3600), envvar="NODEKIT_TIMEOUT",
+              metavar="DURATION", help="Give up after this long (90, 30m, 2h, PT30M; at most 24h). Default 1h.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), envvar="NODEKIT_REPORT",
+              help="Write the JSON report here (default: nodekit-prep.json in $AZ_BATCH_TASK_WORKING_DIR).")
+@click.option("--dest", metavar="DIR",
+              help="Job folder to fill, inside the shared directory (default: SHARED_DIR/JOB_ID).")
+@click.option("--concurrency", type=click.IntRange(1, 256), envvar="NODEKIT_CONCURRENCY",
+              help="Parallel transfers (default: 8 per CPU, at most 64).")
+@click.option("--identity-client-id", envvar="AZURE_CLIENT_ID", metavar="ID",
+              help="Client id of the pool's user-assigned managed identity.")
+@click.option("--progress-interval", type=click.FloatRange(0, 3600), default=5.0, show_default=True,
+              help="Seconds between progress lines (0: none).")
+@local_run_options
+def prep_command(sources: tuple[str, ...], spec_path: str | None, include: tuple[str, ...],
+                 exclude: tuple[str, ...], dry_run: bool, timeout: float | None, report_path: Path | None,
+                 dest: str | None, concurrency: int | None, identity_client_id: str | None,
+                 progress_interval: float, shared_dir: str | None, job_id: str | None) -> None:
+    """Download a job's common input into the node's shared directory.
+
+    Each SOURCE lands in its own folder of SHARED_DIR/JOB_ID: a blob container URL
+    (https://ACCOUNT.blob.core.windows.net/CONTAINER[/PREFIX]), a https:// URL of one file, or
+    a local folder. NAME=SOURCE names the folder. Safe to run again: unchanged files are
+    skipped, missing, partial or changed ones repaired.
+    """
+    from nodekit.prep import DEFAULT_CONCURRENCY, PrepOptions, run_prep
+
+    spec = load_spec(spec_path) if spec_path else Spec()
+    if sources and spec.prep.sources:
+        raise click.UsageError("give sources either as arguments or in --spec, not both.")
+    settings: PrepSettings = spec.prep
+    opts = PrepOptions(
+        sources=sources_from_args(sources) if sources else settings.sources,
+        include=include or settings.include,
+        exclude=exclude or settings.exclude,
+        timeout=timeout or settings.timeout or 3600.0,
+        dest=dest or settings.dest,
+        concurrency=concurrency or settings.concurrency or DEFAULT_CONCURRENCY,
+        dry_run=dry_run,
+        report_path=report_path,
+        progress_interval=progress_interval,
+    )
+    env = BatchEnv.from_environ(os.environ).with_overrides(shared_dir=shared_dir, job_id=job_id or spec.job_id)
+    creds = CredentialEnv.from_environ(os.environ, client_id=identity_client_id)
+    result = run_prep(opts, env, creds, emit=click.echo)
+    click.echo(result.summary())
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="nodekit")

@@ -1,0 +1,137 @@
+"""Pure checks on file names: where a source's names land, whether they are safe, and filters.
+
+Nothing here touches the disk. `unsafe_reason` and `find_collisions` are run over a whole
+listing before prep writes anything; `GlobFilter` applies --include/--exclude.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+# Files nodekit writes while downloading; a source name may not end like this.
+PARTIAL_SUFFIX = ".nodekit-partial"
+# nodekit's own folder inside a job folder (state, journal, lock).
+STATE_DIR = ".nodekit"
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_WINDOWS_BAD = set('<>:"|?*') | {chr(c) for c in range(32)}
+_WINDOWS_RESERVED = {
+    "con", "prn", "aux", "nul",
+    *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10)),
+}
+CASE_INSENSITIVE = sys.platform in ("win32", "darwin")
+WINDOWS = sys.platform == "win32"
+
+
+def unsafe_reason(name: str) -> str | None:
+    """Why `name` (a '/'-separated relative path) may not be written under a folder, or None if safe."""
+    if not name:
+        return "empty name"
+    if "\x00" in name:
+        return "contains a NUL character"
+    if "\\" in name:
+        return "contains a backslash"
+    if name.startswith("/"):
+        return "absolute path"
+    if _DRIVE.match(name):
+        return "drive letter"
+    parts = name.split("/")
+    for part in parts:
+        if part == "":
+            return "empty path segment (leading, trailing or double '/')"
+        if part in (".", ".."):
+            return f"'{part}' path segment"
+        if WINDOWS:
+            if set(part) & _WINDOWS_BAD:
+                return "character not allowed on Windows"
+            if part.split(".", 1)[0].lower() in _WINDOWS_RESERVED or part.endswith((" ", ".")):
+                return "name reserved on Windows"
+    if parts[-1].endswith(PARTIAL_SUFFIX):
+        return f"ends with {PARTIAL_SUFFIX}, which nodekit reserves for partial downloads"
+    if parts[0] == STATE_DIR:
+        return f"top folder {STATE_DIR} is reserved for nodekit's state"
+    return None
+
+
+def find_collisions(paths: Iterable[str]) -> list[str]:
+    """Pairs of paths that cannot both exist on disk, as 'a <-> b' strings (sorted).
+
+    Two paths collide when they are equal (case-insensitively on Windows and macOS), or one
+    is a folder of the other (file `a` and file `a/b`).
+    """
+    seen: dict[str, str] = {}
+    problems: list[str] = []
+    for path in paths:
+        key = path.casefold() if CASE_INSENSITIVE else path
+        if key in seen:
+            problems.append(f"{seen[key]} <-> {path}")
+        else:
+            seen[key] = path
+    keys = set(seen)
+    for key, path in seen.items():
+        parts = key.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent in keys:
+                problems.append(f"{seen[parent]} <-> {path}")
+    return sorted(problems)
+
+
+@lru_cache(maxsize=256)
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """Translate a glob to a regex: `*` and `?` stay inside one segment, `**` crosses them."""
+    out = []
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif c == "*":
+            out.append("[^/]*")
+            i += 1
+        elif c == "?":
+            out.append("[^/]")
+            i += 1
+        elif c == "[":
+            end = pattern.find("]", i + 1)
+            if end == -1:
+                out.append(re.escape(c))
+                i += 1
+            else:
+                body = pattern[i + 1 : end].replace("\\", "\\\\")
+                if body.startswith("!"):
+                    body = "^" + body[1:]
+                out.append(f"[{body}]")
+                i = end + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return re.compile("".join(out) + r"\Z", re.IGNORECASE if CASE_INSENSITIVE else 0)
+
+
+def glob_match(pattern: str, name: str) -> bool:
+    """True if `name` matches `pattern`; a pattern without '/' matches the last segment."""
+    if "/" not in pattern.rstrip("/"):
+        name = name.rsplit("/", 1)[-1]
+    return _glob_regex(pattern.strip("/")).match(name) is not None
+
+
+@dataclass(frozen=True)
+class GlobFilter:
+    """--include / --exclude: a name passes if it matches an include (or there are none) and no exclude."""
+
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+
+    def __call__(self, name: str) -> bool:
+        if self.include and not any(glob_match(p, name) for p in self.include):
+            return False
+        return not any(glob_match(p, name) for p in self.exclude)

@@ -1,0 +1,69 @@
+"""Keeping secrets out of everything nodekit prints or writes.
+
+Two layers: URLs are shown without their query string (`display_url`), and every secret
+nodekit handles (SAS tokens, keys, connection strings) is registered here so that a
+logging filter and the CLI's error printer replace it wherever it would appear.
+Safe to call from any thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from urllib.parse import urlsplit, urlunsplit
+
+_lock = threading.Lock()
+_secrets: set[str] = set()
+
+# Patterns that look like secrets even when nobody registered them.
+_PATTERNS = [
+    (re.compile(r"(?i)\b(sig|se?cret|signature)=[^&\s\"';]+"), r"\1=REDACTED"),
+    (re.compile(r"(?i)(AccountKey|SharedAccessSignature)=[^;\s\"']+"), r"\1=REDACTED"),
+    (re.compile(r"(?i)(Authorization:\s*Bearer\s+)\S+"), r"\1REDACTED"),
+]
+
+
+def register_secret(value: str | None) -> None:
+    """Remember `value` so that `scrub` removes it from any text. Empty values are ignored."""
+    if value and len(value) >= 6:
+        with _lock:
+            _secrets.add(value)
+
+
+def scrub(text: str) -> str:
+    """Return `text` with every registered secret and secret-looking parameter replaced."""
+    with _lock:
+        secrets = sorted(_secrets, key=len, reverse=True)
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, "REDACTED")
+    for pattern, repl in _PATTERNS:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def display_url(url: str) -> str:
+    """The URL without its query string or user info, fit for logs and reports."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if not parts.scheme or not parts.netloc:
+        return scrub(url.split("?", 1)[0])
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+class ScrubFilter(logging.Filter):
+    """A logging filter that scrubs each record's final message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = scrub(message)
+        if cleaned != message:
+            record.msg = cleaned
+            record.args = None
+        return True

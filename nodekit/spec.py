@@ -1,0 +1,352 @@
+"""The description of a job's data: sources (what prep fetches) and, later, release settings.
+
+Everything here is pure: `parse_source` classifies a URL or path, `load_spec` reads a JSON
+description file. Both raise UsageError or UnsafeInput with a message that names the
+offending value (secrets removed) and touch nothing.
+
+Description file (JSON; see the README for every key)::
+
+    {"nodekit": 1,
+     "job_id": "myjob",
+     "prep": {"sources": ["https://acct.blob.core.windows.net/ref/v2",
+                          {"url": "/mnt/data/models", "name": "models", "include": ["*.onnx"]}],
+              "exclude": ["*.tmp"], "timeout": "30m"},
+     "release": {}}
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path, PureWindowsPath
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from nodekit.errors import UnsafeInput, UsageError
+from nodekit.names import GlobFilter, unsafe_reason
+from nodekit.redact import display_url, register_secret
+
+_ACCOUNT = re.compile(r"^[a-z0-9]{3,24}$")
+_CONTAINER = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$")
+_VHOST = re.compile(r"^(?P<account>[a-z0-9]{3,24})\.blob\.[a-z0-9.-]+$")
+_NAMED = re.compile(r"^(?P<name>[^=/\\:?&]+)=(?P<rest>.+)$")
+_DURATION = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h|d)?$")
+_ISO_DURATION = re.compile(
+    r"^P(?:(?P<d>\d+)D)?(?:T(?:(?P<h>\d+)H)?(?:(?P<m>\d+)M)?(?:(?P<s>\d+(?:\.\d+)?)S)?)?$"
+)
+
+MAX_TIMEOUT_S = 24 * 3600.0
+# Sources shipped inside the package, for dry runs with no storage at all.
+BUILTIN = {"builtin:sample": "sample"}
+DEFAULT_TIMEOUT_S = 3600.0
+
+
+class SourceKind(str, Enum):
+    """What a source is: a blob container (or a folder in it), one file by URL, or a local folder."""
+
+    BLOB = "blob"
+    URL = "url"
+    LOCAL = "local"
+
+
+@dataclass(frozen=True)
+class BlobLocation:
+    """Where a container lives: `endpoint` is `scheme://host[:port]` plus `/account` for path-style URLs."""
+
+    endpoint: str
+    account: str
+    container: str
+    prefix: str  # '' or a folder, without leading or trailing '/'
+    sas: str | None = field(default=None, repr=False)
+
+    @property
+    def container_url(self) -> str:
+        return f"{self.endpoint}/{self.container}"
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One source of prep, fully parsed. `display` is safe to print; `url` may hold a SAS."""
+
+    kind: SourceKind
+    name: str  # sub-folder of the job folder ('/'-separated, validated)
+    display: str
+    blob: BlobLocation | None = None
+    url: str | None = field(default=None, repr=False)
+    path: str | None = None
+    filter: GlobFilter = GlobFilter()
+
+
+def parse_duration(value: str | float | int, *, what: str, maximum: float = MAX_TIMEOUT_S) -> float:
+    """Seconds from `90`, `90s`, `30m`, `2h`, `1d` or ISO 8601 `PT30M`; UsageError if bad or above `maximum`."""
+    text = str(value).strip()
+    seconds: float | None = None
+    m = _DURATION.match(text)
+    if m:
+        scale = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[m.group("unit")]
+        seconds = float(m.group("n")) * scale
+    else:
+        iso = _ISO_DURATION.match(text)
+        if iso and any(iso.groupdict().values()):
+            g = {k: float(v or 0) for k, v in iso.groupdict().items()}
+            seconds = g["d"] * 86400 + g["h"] * 3600 + g["m"] * 60 + g["s"]
+    if seconds is None:
+        raise UsageError(f"{what} {text!r} is not a duration: use seconds (90), 30m, 2h or PT30M.")
+    if seconds <= 0:
+        raise UsageError(f"{what} must be more than zero.")
+    if seconds > maximum:
+        raise UsageError(f"{what} {text} is too long: at most {_human_duration(maximum)}.")
+    return seconds
+
+
+def _human_duration(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{int(seconds // 3600)}h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{int(seconds // 60)}m"
+    return f"{seconds:g}s"
+
+
+def _is_local_host(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def split_named(text: str) -> tuple[str | None, str]:
+    """`NAME=SOURCE` -> (NAME, SOURCE); anything else -> (None, text)."""
+    m = _NAMED.match(text)
+    if m and "://" not in m.group("name"):
+        return m.group("name"), m.group("rest")
+    return None, text
+
+
+def _check_sas(query: str, shown: str) -> str | None:
+    """The SAS query string if `query` is one (registered as a secret); UsageError if it has expired-looking junk."""
+    if not query:
+        return None
+    params = parse_qs(query, keep_blank_values=True)
+    if "sig" not in params:
+        raise UsageError(f"{shown}: the query string is not a SAS token (no 'sig'): remove it or use a full SAS.")
+    register_secret(params["sig"][0])
+    register_secret(query)
+    return query
+
+
+def parse_source(
+    text: str,
+    *,
+    name: str | None = None,
+    kind: str | None = None,
+    filter: GlobFilter = GlobFilter(),
+) -> SourceSpec:
+    """Classify `text` (URL or path) into a SourceSpec; UsageError/UnsafeInput on anything wrong.
+
+    Blob containers: `https://ACCOUNT.blob.SUFFIX/CONTAINER[/PREFIX]`, or path-style
+    `http(s)://HOST[:PORT]/ACCOUNT/CONTAINER[/PREFIX]` when HOST is an IP address or localhost
+    (Azurite) or `kind` is "blob". Other `http(s)://` URLs are one file. `file://` URLs and
+    paths are local folders.
+    """
+    text = text.strip()
+    if not text:
+        raise UsageError("a source is empty: give a blob container URL, a https:// URL or a folder.")
+    if kind is not None and kind not in {k.value for k in SourceKind}:
+        raise UsageError(f"source kind {kind!r} is not one of blob, url, local.")
+    if text.lower() in BUILTIN:
+        path = str(Path(__file__).parent / BUILTIN[text.lower()])
+        return _finish(SourceSpec(SourceKind.LOCAL, name or "sample", text.lower(), path=path, filter=filter))
+    try:
+        parts = urlsplit(text)
+    except ValueError as err:
+        raise UsageError(f"malformed URL {display_url(text)!r} ({err}): check the brackets and port.") from None
+    scheme = parts.scheme.lower()
+    is_drive = len(scheme) == 1 and PureWindowsPath(text).drive != ""
+    if kind == "local" or scheme == "file" or not scheme or is_drive:
+        if kind not in (None, "local"):
+            raise UsageError(f"source {text!r} is a path, not a {kind} URL.")
+        path = unquote(parts.path) if scheme == "file" else text
+        if scheme == "file" and parts.netloc not in ("", "localhost"):
+            raise UsageError(f"file URL {text!r} names a host: use file:///absolute/path.")
+        default_name = Path(path.rstrip("/\\")).name or "local"
+        return _finish(SourceSpec(SourceKind.LOCAL, name or default_name, path, path=path, filter=filter))
+    if scheme not in ("http", "https"):
+        raise UsageError(
+            f"unknown scheme '{parts.scheme}:' in source {display_url(text)!r}: "
+            "use https:// (blob container or file), http:// (emulator) or a folder path."
+        )
+    try:
+        host = (parts.hostname or "").lower()
+        port = parts.port
+    except ValueError as err:
+        raise UsageError(f"malformed URL {display_url(text)!r} ({err}).") from None
+    if not host:
+        raise UsageError(f"malformed URL {display_url(text)!r}: it has no host name.")
+    netloc = f"{host}:{port}" if port else host
+    if ":" in host:
+        netloc = f"[{host}]:{port}" if port else f"[{host}]"
+    segments = [unquote(s) for s in parts.path.split("/") if s]
+    shown = display_url(text)
+    vhost = _VHOST.match(host)
+    if kind != "url" and (vhost or kind == "blob" or _is_local_host(host)):
+        if vhost:
+            account, endpoint = vhost.group("account"), f"{scheme}://{netloc}"
+        elif len(segments) >= 1 and _ACCOUNT.match(segments[0]):
+            account = segments.pop(0)
+            endpoint = f"{scheme}://{netloc}/{account}"
+        else:
+            account = ""
+        path_style_ok = vhost or (account and segments and _CONTAINER.match(segments[0]))
+        if path_style_ok or kind == "blob":
+            if not account:
+                raise UsageError(f"{shown}: no storage account in the URL (https://ACCOUNT.blob.core.windows.net/...).")
+            if not segments:
+                raise UsageError(f"{shown}: the URL names no container (.../CONTAINER[/PREFIX]).")
+            container = segments[0]
+            if not _CONTAINER.match(container):
+                raise UsageError(
+                    f"{shown}: {container!r} is not a valid container name "
+                    "(3-63 lowercase letters, digits and single hyphens)."
+                )
+            prefix = "/".join(segments[1:])
+            sas = _check_sas(parts.query, shown)
+            location = BlobLocation(endpoint, account, container, prefix, sas)
+            default_name = segments[-1] if len(segments) > 1 else container
+            return _finish(SourceSpec(SourceKind.BLOB, name or default_name, shown, blob=location, filter=filter))
+    if not segments:
+        raise UsageError(f"{shown}: a file URL needs a path that ends in a file name.")
+    if parts.query and "sig=" in parts.query:
+        _check_sas(parts.query, shown)
+    return _finish(SourceSpec(SourceKind.URL, name or "downloads", shown, url=text, filter=filter))
+
+
+def _finish(spec: SourceSpec) -> SourceSpec:
+    reason = unsafe_reason(spec.name)
+    if reason:
+        raise UnsafeInput(f"source folder name {spec.name!r} for {spec.display} is unsafe ({reason}).")
+    return spec
+
+
+@dataclass(frozen=True)
+class PrepSettings:
+    """prep's part of a description file (command-line options override each)."""
+
+    sources: tuple[SourceSpec, ...] = ()
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    timeout: float | None = None
+    dest: str | None = None
+    concurrency: int | None = None
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A whole description file."""
+
+    job_id: str | None = None
+    pool_id: str | None = None
+    prep: PrepSettings = PrepSettings()
+    release: Mapping[str, Any] = field(default_factory=dict)
+
+
+_TOP_KEYS = {"nodekit", "job_id", "pool_id", "prep", "release"}
+_PREP_KEYS = {"sources", "include", "exclude", "timeout", "dest", "concurrency"}
+_SOURCE_KEYS = {"url", "name", "kind", "include", "exclude"}
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"{where} must be a string or a list of strings.")
+    return tuple(value)
+
+
+def _check_keys(obj: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise UsageError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))}).")
+
+
+def parse_spec(data: Any, *, origin: str = "description") -> Spec:
+    """Validate a decoded description (a dict) into a Spec; UsageError names the bad key."""
+    if not isinstance(data, dict):
+        raise UsageError(f"{origin}: the top level must be a JSON object.")
+    _check_keys(data, _TOP_KEYS, origin)
+    version = data.get("nodekit", 1)
+    if version != 1:
+        raise UsageError(f"{origin}: 'nodekit' is {version!r}; this nodekit reads version 1.")
+    prep_data = data.get("prep", {})
+    if not isinstance(prep_data, dict):
+        raise UsageError(f"{origin}: 'prep' must be an object.")
+    _check_keys(prep_data, _PREP_KEYS, f"{origin} prep")
+    sources = []
+    raw_sources = prep_data.get("sources", [])
+    if not isinstance(raw_sources, list):
+        raise UsageError(f"{origin}: prep.sources must be a list.")
+    for i, item in enumerate(raw_sources):
+        where = f"{origin} prep.sources[{i}]"
+        if isinstance(item, str):
+            name, text = split_named(item)
+            sources.append(parse_source(text, name=name))
+            continue
+        if not isinstance(item, dict) or not isinstance(item.get("url"), str):
+            raise UsageError(f"{where} must be a URL string or an object with a 'url'.")
+        _check_keys(item, _SOURCE_KEYS, where)
+        flt = GlobFilter(_strings(item.get("include", []), f"{where}.include"),
+                         _strings(item.get("exclude", []), f"{where}.exclude"))
+        name = item.get("name")
+        if name is not None and not isinstance(name, str):
+            raise UsageError(f"{where}.name must be a string.")
+        sources.append(parse_source(item["url"], name=name, kind=item.get("kind"), filter=flt))
+    timeout = prep_data.get("timeout")
+    concurrency = prep_data.get("concurrency")
+    if concurrency is not None and (not isinstance(concurrency, int) or not 1 <= concurrency <= 256):
+        raise UsageError(f"{origin}: prep.concurrency must be a whole number from 1 to 256.")
+    dest = prep_data.get("dest")
+    if dest is not None and not isinstance(dest, str):
+        raise UsageError(f"{origin}: prep.dest must be a string.")
+    prep = PrepSettings(
+        sources=tuple(sources),
+        include=_strings(prep_data.get("include", []), f"{origin} prep.include"),
+        exclude=_strings(prep_data.get("exclude", []), f"{origin} prep.exclude"),
+        timeout=None if timeout is None else parse_duration(timeout, what=f"{origin} prep.timeout"),
+        dest=dest,
+        concurrency=concurrency,
+    )
+    release = data.get("release", {})
+    if not isinstance(release, dict):
+        raise UsageError(f"{origin}: 'release' must be an object.")
+    for key in ("job_id", "pool_id"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise UsageError(f"{origin}: {key} must be a string.")
+    return Spec(job_id=data.get("job_id"), pool_id=data.get("pool_id"), prep=prep, release=release)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a JSON description file; UsageError if unreadable or invalid."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise UsageError(f"cannot read description file {path}: {err.strerror}.") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"description file {path} is not valid JSON: {err.msg} at line {err.lineno}.") from None
+    return parse_spec(data, origin=str(path))
+
+
+def sources_from_args(args: Sequence[str]) -> tuple[SourceSpec, ...]:
+    """Parse command-line SOURCE arguments (`[NAME=]URL_OR_PATH`)."""
+    specs = []
+    for arg in args:
+        name, text = split_named(arg)
+        specs.append(parse_source(text, name=name))
+    return tuple(specs)

@@ -1,0 +1,148 @@
+"""What prep placed in a job folder, kept so that a re-run can skip or repair it.
+
+`<job>/.nodekit/state.json` holds one record per file prep placed; while a run works, each
+placed file is also appended to `journal.jsonl` right after it is in place, so a run killed
+at any point loses at most the record of the file it was renaming (that file is then
+downloaded again, never trusted blindly). `compact` folds the journal into state.json by a
+temporary file and `os.replace`. `JobLock` keeps two runs for one job apart (Linux and Windows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from nodekit.errors import TransientError
+from nodekit.names import STATE_DIR
+
+STATE_FILE = "state.json"
+JOURNAL_FILE = "journal.jsonl"
+LOCK_FILE = "lock"
+
+Record = dict[str, Any]
+
+
+class StateStore:
+    """The records of one job folder. `append` is safe from many threads."""
+
+    def __init__(self, job_dir: Path) -> None:
+        self.dir = job_dir / STATE_DIR
+        self._lock = threading.Lock()
+        self._journal: Any = None
+
+    def load(self) -> dict[str, Record]:
+        """Records by job-relative path; a missing, torn or foreign file counts as empty."""
+        records: dict[str, Record] = {}
+        try:
+            data = json.loads((self.dir / STATE_FILE).read_text(encoding="utf-8"))
+            if isinstance(data, dict) and isinstance(data.get("files"), dict):
+                records.update(data["files"])
+        except (OSError, ValueError):
+            pass
+        try:
+            with open(self.dir / JOURNAL_FILE, encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:
+                        break  # a torn last line from a killed run
+                    if entry.get("record") is None:
+                        records.pop(entry["path"], None)
+                    else:
+                        records[entry["path"]] = entry["record"]
+        except OSError:
+            pass
+        return records
+
+    def append(self, path: str, record: Record | None) -> None:
+        """Journal that `path` now holds `record` (None: prep no longer owns it). Flushed, not fsynced."""
+        line = json.dumps({"path": path, "record": record}, ensure_ascii=False) + "\n"
+        with self._lock:
+            if self._journal is None:
+                self._journal = open(self.dir / JOURNAL_FILE, "a", encoding="utf-8")
+            self._journal.write(line)
+            self._journal.flush()
+
+    def compact(self, records: dict[str, Record]) -> None:
+        """Write `records` as the new state.json (atomically, fsynced) and drop the journal."""
+        with self._lock:
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
+            tmp = self.dir / (STATE_FILE + ".tmp")
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump({"version": 1, "files": records}, fh, ensure_ascii=False, separators=(",", ":"))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.dir / STATE_FILE)
+            try:
+                os.unlink(self.dir / JOURNAL_FILE)
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
+
+
+class JobLock:
+    """An exclusive lock on a job folder, held by an open file (released by the OS if the process dies)."""
+
+    def __init__(self, job_dir: Path, timeout: float) -> None:
+        self.path = job_dir / STATE_DIR / LOCK_FILE
+        self.timeout = timeout
+        self._fh: Any = None
+        self.waited = 0.0
+
+    def __enter__(self) -> JobLock:
+        self._fh = open(self.path, "a+b")
+        start = time.monotonic()
+        while not self._try_lock():
+            self.waited = time.monotonic() - start
+            if self.waited >= self.timeout:
+                self._fh.close()
+                raise TransientError(
+                    f"another nodekit run holds {self.path} and did not finish within the timeout; "
+                    "run again when it has finished."
+                )
+            time.sleep(0.1)
+        self.waited = time.monotonic() - start
+        return self
+
+    def _try_lock(self) -> bool:
+        if os.name == "nt":  # pragma: no cover - exercised on Windows only
+            import msvcrt
+
+            try:
+                self._fh.seek(0)
+                msvcrt.locking(self._fh.fileno(), msvcrt.LK_NBLCK, 1)
+            except OSError:
+                return False
+            return True
+        import fcntl
+
+        try:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        return True
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        if self._fh is not None:
+            if os.name == "nt":  # pragma: no cover
+                import msvcrt
+
+                try:
+                    self._fh.seek(0)
+                    msvcrt.locking(self._fh.fileno(), msvcrt.LK_UNLCK, 1)
+                except OSError:
+                    pass
+            self._fh.close()
+            self._fh = None

@@ -1,0 +1,104 @@
+"""Storage behind one small interface: what prep reads from and release writes to.
+
+Contract of every `Store` (the same test suite runs against each implementation):
+
+- `list_files()` returns every file under the source's root, names relative to it and
+  '/'-separated, in one pass. A root that does not exist raises NotFound; a refused
+  credential raises AccessDenied; storage that keeps failing raises TransientError once
+  the run's deadline is reached. An existing but empty root returns [].
+- `fetch(file, start, length, sink)` calls `sink` with the bytes [start, start+length) of
+  `file`, in order, each byte exactly once, in pieces of at most 1 MiB. Transient failures are
+  retried and resumed from the last byte delivered. If the file changed since it was listed,
+  it raises SourceChanged (a TransientError); if it is gone, NotFound.
+- `supports_ranges(file)` says whether `fetch` with start > 0 costs no more than the range.
+Stores are safe to use from many threads at once.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from nodekit.errors import TransientError
+
+CHUNK = 1024 * 1024  # bytes handed to a sink at a time, and read from sockets at a time
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a source, as listed. `identity` decides whether a local copy is current."""
+
+    name: str
+    size: int
+    etag: str
+    last_modified: str  # as the source reports it (RFC 1123 for HTTP, ISO 8601 for local)
+    content_md5: str | None = None  # base64, when the source has one
+
+    @property
+    def identity(self) -> dict[str, object]:
+        return {"etag": self.etag, "size": self.size, "last_modified": self.last_modified,
+                "content_md5": self.content_md5}
+
+
+class SourceChanged(TransientError):
+    """The file changed at the source while it was being read."""
+
+
+@dataclass
+class RunContext:
+    """What every transfer of one run shares: the deadline, a retry counter and a stop flag."""
+
+    timeout: float
+    started: float = field(default_factory=time.monotonic)
+    stop: threading.Event = field(default_factory=threading.Event)
+    _retries: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.timeout
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    @property
+    def retries(self) -> int:
+        return self._retries
+
+    def backoff(self, attempt: int, what: str, last_error: str, retry_after: float | None = None) -> None:
+        """Count a retry and sleep before it: exponential with full jitter, at least Retry-After.
+
+        Raises TransientError instead when the sleep would pass the deadline or the run is stopping.
+        """
+        with self._lock:
+            self._retries += 1
+        delay = random.uniform(0, min(30.0, 0.2 * (2 ** min(attempt, 10))))
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, 60.0))
+        if self.stop.is_set() or delay >= self.remaining():
+            raise TransientError(
+                f"{what}: gave up after {attempt} retries within the {self.timeout:g} s timeout "
+                f"(last error: {last_error}); a later run may succeed."
+            )
+        if self.stop.wait(delay):
+            raise TransientError(f"{what}: stopped while waiting to retry (last error: {last_error}).")
+
+
+Sink = Callable[[bytes], None]
+
+
+class Store(Protocol):
+    """A source of files (see the module docstring for the contract)."""
+
+    display: str  # safe to print: no secrets
+    credential_kind: str  # how it authenticates, e.g. "SAS token in the URL" (never the value)
+
+    def list_files(self) -> list[RemoteFile]: ...
+
+    def fetch(self, file: RemoteFile, start: int, length: int, sink: Sink) -> None: ...
+
+    def supports_ranges(self, file: RemoteFile) -> bool: ...

@@ -1,0 +1,91 @@
+"""A local or mounted folder as a store (also the embedded default for dry runs)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from datetime import datetime, timezone
+from pathlib import Path
+
+from nodekit.errors import AccessDenied, LocalIOError, NotFound
+from nodekit.storage import CHUNK, RemoteFile, SourceChanged, Sink
+
+
+def _identity(st: os.stat_result) -> tuple[str, str]:
+    etag = f"{st.st_mtime_ns:x}-{st.st_size:x}"
+    modified = datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=timezone.utc).isoformat()
+    return etag, modified
+
+
+class LocalStore:
+    """Files under a folder (or one file). Symbolic links to files are read; links to folders are not walked."""
+
+    credential_kind = "local folder (no credential)"
+
+    def __init__(self, path: str) -> None:
+        self.root = Path(path).expanduser()
+        self.display = str(self.root)
+        self._single: str | None = None
+
+    def _path(self, name: str) -> Path:
+        return self.root if self._single == name else self.root / name
+
+    def list_files(self) -> list[RemoteFile]:
+        try:
+            st = self.root.stat()
+        except FileNotFoundError:
+            raise NotFound(f"source folder {self.root} does not exist: check the path or the mount.") from None
+        except PermissionError:
+            raise AccessDenied(f"source folder {self.root}: permission denied.") from None
+        if stat.S_ISREG(st.st_mode):
+            self._single = self.root.name
+            etag, modified = _identity(st)
+            return [RemoteFile(self.root.name, st.st_size, etag, modified)]
+        files: list[RemoteFile] = []
+        stack = [("", str(self.root))]
+        while stack:
+            prefix, folder = stack.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except PermissionError:
+                raise AccessDenied(f"source folder {folder}: permission denied.") from None
+            for entry in entries:
+                name = f"{prefix}{entry.name}"
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((name + "/", entry.path))
+                    continue
+                try:
+                    est = entry.stat(follow_symlinks=True)
+                except OSError:
+                    continue  # a dangling link: nothing to copy
+                if stat.S_ISREG(est.st_mode):
+                    etag, modified = _identity(est)
+                    files.append(RemoteFile(name, est.st_size, etag, modified))
+        files.sort(key=lambda f: f.name)
+        return files
+
+    def supports_ranges(self, file: RemoteFile) -> bool:
+        return True
+
+    def fetch(self, file: RemoteFile, start: int, length: int, sink: Sink) -> None:
+        path = self._path(file.name)
+        try:
+            with open(path, "rb") as fh:
+                if _identity(os.fstat(fh.fileno()))[0] != file.etag:
+                    raise SourceChanged(f"{path} changed while nodekit was copying it; run prep again.")
+                fh.seek(start)
+                left = length
+                while left > 0:
+                    data = fh.read(min(CHUNK, left))
+                    if not data:
+                        raise SourceChanged(f"{path} became shorter while nodekit was copying it.")
+                    sink(data)
+                    left -= len(data)
+        except FileNotFoundError:
+            raise NotFound(f"{path} disappeared from the source folder.") from None
+        except PermissionError:
+            raise AccessDenied(f"{path}: permission denied.") from None
+        except IsADirectoryError:
+            raise NotFound(f"{path} is now a folder.") from None
+        except OSError as err:
+            raise LocalIOError(f"reading {path} failed: {err.strerror}.") from err

@@ -1,0 +1,542 @@
+"""Plan and carry out downloads: the pure skip-or-download decision, atomic placement, progress.
+
+`decide` is a pure function from (remote file, recorded state, local stat) to an Action and a
+reason. `Downloader` streams files in parallel (large files as parallel ranges) into a
+temporary name in the destination folder, verifies size and Content-MD5, sets the source's
+modification time, renames into place with `os.replace`, and only then journals the record.
+Every failure path removes its temporary file.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import errno
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from nodekit.errors import IntegrityError, LocalIOError, NodekitError, UnsafeInput
+from nodekit.names import PARTIAL_SUFFIX, STATE_DIR
+from nodekit.state import Record, StateStore
+from nodekit.storage import CHUNK, RemoteFile, RunContext, Store
+
+log = logging.getLogger(__name__)
+
+RANGE_THRESHOLD = 16 * 1024 * 1024  # files above this are fetched as parallel ranges
+RANGE_SIZE = 8 * 1024 * 1024
+INTEGRITY_ATTEMPTS = 3
+
+
+class Action(str, Enum):
+    DOWNLOAD = "download"
+    SKIP = "skip"
+    REMOVE = "remove"
+    KEEP = "keep"  # gone from the source, but changed locally: left alone
+    FORGET = "forget"  # gone from the source and from disk: only the record is dropped
+
+
+@dataclass(frozen=True)
+class LocalStat:
+    """What is on disk at a path (lstat: a symbolic link is not a regular file)."""
+
+    size: int
+    mtime_ns: int
+    regular: bool
+
+    @classmethod
+    def of(cls, path: Path) -> LocalStat | None:
+        try:
+            st = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        import stat
+
+        return cls(st.st_size, st.st_mtime_ns, stat.S_ISREG(st.st_mode))
+
+
+_IDENTITY_KEYS = ("etag", "size", "last_modified", "content_md5")
+
+
+def decide(remote: RemoteFile | None, record: Record | None, local: LocalStat | None) -> tuple[Action, str]:
+    """What to do with one path, and why. Pure: the same inputs always give the same answer."""
+    if remote is None:
+        if record is None:
+            return Action.KEEP, "not placed by nodekit"
+        if local is None:
+            return Action.FORGET, "gone from the source and already gone locally"
+        if local.regular and (local.size, local.mtime_ns) == (record.get("local_size"), record.get("local_mtime_ns")):
+            return Action.REMOVE, "gone from the source"
+        return Action.KEEP, "gone from the source, but changed locally since nodekit placed it: left alone"
+    if local is None:
+        return Action.DOWNLOAD, "missing locally"
+    if record is None:
+        return Action.DOWNLOAD, "present locally but not placed by nodekit (no record)"
+    for key in _IDENTITY_KEYS:
+        if record.get(key) != remote.identity[key]:
+            return Action.DOWNLOAD, f"changed at the source ({key} {record.get(key)!r} -> {remote.identity[key]!r})"
+    if not local.regular:
+        return Action.DOWNLOAD, "not a regular file locally"
+    if local.size != record.get("local_size"):
+        return Action.DOWNLOAD, f"modified locally (size {record.get('local_size')} -> {local.size})"
+    if local.mtime_ns != record.get("local_mtime_ns"):
+        return Action.DOWNLOAD, "modified locally (modification time changed)"
+    return Action.SKIP, "unchanged"
+
+
+@dataclass
+class PlannedFile:
+    """One line of the plan: a job-relative path, where it comes from, and the decision."""
+
+    path: str
+    action: Action
+    reason: str
+    source: int | None = None  # index into the run's sources
+    remote: RemoteFile | None = None
+    verified: bool | None = None
+    md5: str | None = None
+    error: str | None = None
+
+
+def plan(
+    listing: dict[str, tuple[int, RemoteFile]],
+    records: dict[str, Record],
+    stat: Callable[[str], LocalStat | None],
+) -> list[PlannedFile]:
+    """Decide every path that is in the listing or in the records (pure but for `stat`)."""
+    out = []
+    for path in sorted(set(listing) | set(records)):
+        src, remote = listing.get(path, (None, None))
+        record = records.get(path)
+        action, reason = decide(remote, record, stat(path))
+        if remote is not None and record is not None and action is Action.SKIP:
+            out.append(PlannedFile(path, action, reason, src, remote, record.get("verified"), record.get("md5")))
+        else:
+            out.append(PlannedFile(path, action, reason, src, remote))
+    return out
+
+
+def _mtime_ns(last_modified: str) -> int | None:
+    """The source's modification time in ns, from RFC 1123 or ISO 8601 text."""
+    if not last_modified:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(last_modified)
+    except (TypeError, ValueError):
+        try:
+            when = datetime.fromisoformat(last_modified)
+        except ValueError:
+            return None
+    return int(when.timestamp() * 1_000_000_000)
+
+
+def _disk_error(err: OSError, path: Path) -> NodekitError:
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return LocalIOError(f"the disk is full while writing {path}: free space on the node and run again.")
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return LocalIOError(f"cannot write {path}: {err.strerror}; check the folder's permissions.")
+    return LocalIOError(f"writing {path} failed: {err.strerror}.")
+
+
+class Progress:
+    """Counters shared by the workers, and a thread that prints a line every `interval` seconds."""
+
+    def __init__(self, total_files: int, total_bytes: int, emit: Callable[[str], None], interval: float) -> None:
+        self.total_files = total_files
+        self.total_bytes = total_bytes
+        self.files = 0
+        self.bytes = 0
+        self._lock = threading.Lock()
+        self._emit = emit
+        self._interval = interval
+        self._done = threading.Event()
+        self._started = time.monotonic()
+        self._thread: threading.Thread | None = None
+
+    def add_bytes(self, n: int) -> None:
+        with self._lock:
+            self.bytes += n
+
+    def file_done(self) -> None:
+        with self._lock:
+            self.files += 1
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self._started, 1e-6)
+        return (f"prep: {self.files}/{self.total_files} files, {human_bytes(self.bytes)}/"
+                f"{human_bytes(self.total_bytes)}, {human_bytes(self.bytes / elapsed)}/s")
+
+    def __enter__(self) -> Progress:
+        if self._interval > 0:
+            self._thread = threading.Thread(target=self._run, name="nodekit-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._done.wait(self._interval):
+            self._emit(self.line())
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._thread:
+            self._thread.join()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+class _Writer:
+    """Positional writes into one file from many threads (pwrite where the OS has it)."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
+        self.fd = os.open(path, flags, 0o644)
+        self._lock = threading.Lock()
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError:
+            os.close(self.fd)
+            raise
+
+    def write_at(self, data: bytes, offset: int) -> None:
+        if hasattr(os, "pwrite"):
+            while data:
+                n = os.pwrite(self.fd, data, offset)
+                data, offset = data[n:], offset + n
+            return
+        with self._lock:  # pragma: no cover - Windows
+            os.lseek(self.fd, offset, os.SEEK_SET)
+            while data:
+                data = data[os.write(self.fd, data):]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass
+class _BigFile:
+    """A large file being fetched as ranges; the worker that finishes the last range places it."""
+
+    item: PlannedFile
+    final: Path
+    tmp: Path
+    pending: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    writer: _Writer | None = None
+    failed: bool = False
+
+
+class Downloader:
+    """Downloads planned files into `job_dir`; safe to re-run after any interruption."""
+
+    def __init__(self, job_dir: Path, stores: list[Store], ctx: RunContext, state: StateStore,
+                 concurrency: int, progress: Progress) -> None:
+        self.job_dir = job_dir
+        self.stores = stores
+        self.ctx = ctx
+        self.state = state
+        self.concurrency = concurrency
+        self.progress = progress
+        self._dirs_ok: set[Path] = {job_dir}
+        self._dirs_lock = threading.Lock()
+        self.placed: dict[str, Record] = {}
+        self._placed_lock = threading.Lock()
+
+    # -- paths -----------------------------------------------------------------------------
+    def _ensure_parent(self, final: Path) -> None:
+        """Create the folders above `final`, refusing to pass through a symbolic link."""
+        parent = final.parent
+        with self._dirs_lock:
+            if parent in self._dirs_ok:
+                return
+            chain = []
+            p = parent
+            while p not in self._dirs_ok and p != self.job_dir:
+                chain.append(p)
+                p = p.parent
+            for d in reversed(chain):
+                if os.path.islink(d):
+                    raise UnsafeInput(f"{d} is a symbolic link: refusing to write through it; remove it and run again.")
+                try:
+                    os.mkdir(d)
+                except FileExistsError:
+                    if not os.path.isdir(d):
+                        raise LocalIOError(f"{d} is a file where nodekit needs a folder; remove it and run again.") \
+                            from None
+                except OSError as err:
+                    raise _disk_error(err, d) from err
+                self._dirs_ok.add(d)
+
+    def _final(self, path: str) -> Path:
+        return self.job_dir.joinpath(*path.split("/"))
+
+    # -- running ---------------------------------------------------------------------------
+    def run(self, items: list[PlannedFile]) -> list[NodekitError]:
+        """Download every item (action DOWNLOAD); return the errors (the first fatal one stops the rest)."""
+        errors: list[NodekitError] = []
+        errors_lock = threading.Lock()
+
+        def guarded(fn: Callable[..., None], *args: Any) -> None:
+            item: PlannedFile = args[0].item if isinstance(args[0], _BigFile) else args[0]
+            if self.ctx.stop.is_set() and fn != self._range:  # ranges run on to release their file
+                return
+            try:
+                fn(*args)
+            except NodekitError as err:
+                item.error = str(err)
+                with errors_lock:
+                    errors.append(err)
+                if not err.retryable or isinstance(err, LocalIOError) or self.ctx.remaining() <= 0:
+                    self.ctx.stop.set()
+                log.error("failed: %s: %s", item.path, err)
+            except Exception as err:  # a bug: stop cleanly, report it
+                item.error = f"{type(err).__name__}: {err}"
+                with errors_lock:
+                    errors.append(NodekitError(f"unexpected error on {item.path}: {type(err).__name__}: {err}"))
+                self.ctx.stop.set()
+                log.exception("unexpected error on %s", item.path)
+
+        big = [i for i in items if i.remote and i.remote.size > RANGE_THRESHOLD
+               and self.stores[i.source or 0].supports_ranges(i.remote)]
+        small = [i for i in items if i not in big]
+        big.sort(key=lambda i: -(i.remote.size if i.remote else 0))
+        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="nodekit-dl") as pool:
+            futures: list[Future[None]] = []
+            for item in big:
+                assert item.remote is not None
+                final = self._final(item.path)
+                ranges = [(s, min(RANGE_SIZE, item.remote.size - s)) for s in range(0, item.remote.size, RANGE_SIZE)]
+                job = _BigFile(item, final, final.with_name("." + final.name + PARTIAL_SUFFIX), len(ranges))
+                futures += [pool.submit(guarded, self._range, job, s, n) for s, n in ranges]
+            futures += [pool.submit(guarded, self._whole, item) for item in small]
+            for f in futures:
+                f.result()
+        return errors
+
+    def _record(self, item: PlannedFile, final: Path, md5: str, verified: bool) -> None:
+        remote = item.remote
+        assert remote is not None
+        st = os.lstat(final)
+        record: Record = {**remote.identity, "md5": md5, "verified": verified,
+                          "local_size": st.st_size, "local_mtime_ns": st.st_mtime_ns}
+        self.state.append(item.path, record)
+        with self._placed_lock:
+            self.placed[item.path] = record
+        item.md5, item.verified = md5, verified
+        self.progress.file_done()
+        log.info("downloaded %s (%s, %s)", item.path, human_bytes(remote.size),
+                 "verified" if verified else "unverified: the source has no Content-MD5")
+
+    def _check(self, item: PlannedFile, got_size: int, digest: bytes) -> tuple[str, bool]:
+        """(md5 base64, verified) or IntegrityError."""
+        remote = item.remote
+        assert remote is not None
+        md5 = base64.b64encode(digest).decode()
+        if got_size != remote.size:
+            raise IntegrityError(f"{item.path}: got {got_size} bytes, the source lists {remote.size}.")
+        if remote.content_md5:
+            if md5 != remote.content_md5:
+                raise IntegrityError(f"{item.path}: MD5 {md5} does not match the source's Content-MD5 "
+                                     f"{remote.content_md5}.")
+            return md5, True
+        return md5, False
+
+    def _place(self, item: PlannedFile, tmp: Path, final: Path) -> None:
+        assert item.remote is not None
+        mtime = _mtime_ns(item.remote.last_modified)
+        try:
+            if mtime is not None:
+                os.utime(tmp, ns=(mtime, mtime))
+            os.replace(tmp, final)
+        except IsADirectoryError:
+            raise LocalIOError(f"{final} is a folder where the source has a file; remove it and run again.") from None
+        except OSError as err:
+            raise _disk_error(err, final) from err
+
+    def _whole(self, item: PlannedFile) -> None:
+        """One request stream per file: hash while writing, verify, place."""
+        remote = item.remote
+        assert remote is not None
+        store = self.stores[item.source or 0]
+        final = self._final(item.path)
+        self._ensure_parent(final)
+        tmp = final.with_name("." + final.name + PARTIAL_SUFFIX)
+        try:
+            for attempt in range(1, INTEGRITY_ATTEMPTS + 1):
+                hasher = hashlib.md5()
+                size = 0
+                try:
+                    with open(tmp, "wb") as fh:
+                        def sink(data: bytes) -> None:
+                            nonlocal size
+                            fh.write(data)
+                            hasher.update(data)
+                            size += len(data)
+                            self.progress.add_bytes(len(data))
+
+                        store.fetch(remote, 0, remote.size, sink)
+                except OSError as err:
+                    raise _disk_error(err, tmp) from err
+                try:
+                    md5, verified = self._check(item, size, hasher.digest())
+                    break
+                except IntegrityError as err:
+                    if attempt == INTEGRITY_ATTEMPTS:
+                        raise
+                    self.ctx.backoff(attempt, f"downloading {item.path}", str(err))
+            self._place(item, tmp, final)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        self._record(item, final, md5, verified)
+
+    def _range(self, job: _BigFile, start: int, length: int) -> None:
+        """One range of a large file; the last range to finish verifies and places the file."""
+        remote = job.item.remote
+        assert remote is not None
+        store = self.stores[job.item.source or 0]
+        ok = False
+        try:
+            with job.lock:
+                if job.failed or self.ctx.stop.is_set():
+                    return
+                if job.writer is None:
+                    self._ensure_parent(job.final)
+                    try:
+                        job.writer = _Writer(job.tmp, remote.size)
+                    except OSError as err:
+                        raise _disk_error(err, job.tmp) from err
+            writer = job.writer
+            pos = start
+
+            def sink(data: bytes) -> None:
+                nonlocal pos
+                if job.failed or self.ctx.stop.is_set():
+                    raise _Abandoned()
+                try:
+                    writer.write_at(data, pos)
+                except OSError as err:
+                    raise _disk_error(err, job.tmp) from err
+                pos += len(data)
+                self.progress.add_bytes(len(data))
+
+            try:
+                store.fetch(remote, start, length, sink)
+            except _Abandoned:
+                return
+            ok = True
+        finally:
+            with job.lock:
+                job.failed = job.failed or not ok
+                job.pending -= 1
+                last = job.pending == 0
+            if last and job.failed:
+                self._discard_big(job)
+        if last:
+            self._finish_big(job)
+
+    def _discard_big(self, job: _BigFile) -> None:
+        if job.writer is not None:
+            job.writer.close()
+            job.writer = None
+        _unlink_quietly(job.tmp)
+
+    def _finish_big(self, job: _BigFile) -> None:
+        """Hash the assembled file, verify it and place it (or fetch it again in one stream)."""
+        item = job.item
+        try:
+            assert job.writer is not None
+            job.writer.close()
+            job.writer = None
+            hasher = hashlib.md5()
+            size = 0
+            try:
+                with open(job.tmp, "rb") as fh:
+                    while chunk := fh.read(CHUNK * 4):
+                        hasher.update(chunk)
+                        size += len(chunk)
+            except OSError as err:
+                raise _disk_error(err, job.tmp) from err
+            try:
+                md5, verified = self._check(item, size, hasher.digest())
+            except IntegrityError:
+                _unlink_quietly(job.tmp)
+                log.warning("%s: checksum mismatch after a ranged download; fetching it again in one stream",
+                            item.path)
+                self._whole(item)
+                return
+            self._place(item, job.tmp, job.final)
+        except BaseException:
+            self._discard_big(job)
+            raise
+        self._record(item, job.final, md5, verified)
+
+
+class _Abandoned(Exception):
+    """A range stops early because its file already failed or the run is stopping."""
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def sweep_partials(job_dir: Path) -> int:
+    """Remove temporary files left by a killed run (never following links); return how many."""
+    removed = 0
+    for folder, dirs, files in os.walk(job_dir, followlinks=False):
+        if folder == str(job_dir) and STATE_DIR in dirs:
+            dirs.remove(STATE_DIR)
+        for name in files:
+            if name.endswith(PARTIAL_SUFFIX):
+                _unlink_quietly(Path(folder) / name)
+                removed += 1
+    return removed
+
+
+def remove_placed(job_dir: Path, items: Iterable[PlannedFile], state: StateStore) -> None:
+    """Delete files prep placed that are gone from the source; drop records of files already gone.
+
+    Only regular files inside `job_dir` are deleted, never through a symbolic link; emptied
+    folders above them are removed up to `job_dir`.
+    """
+    for item in items:
+        if item.action is Action.FORGET:
+            state.append(item.path, None)
+            continue
+        target = job_dir.joinpath(*item.path.split("/"))
+        parent = target.parent
+        real_parent = Path(os.path.realpath(parent))
+        if real_parent != parent and not (real_parent == job_dir or job_dir in real_parent.parents):
+            item.action, item.reason = Action.KEEP, "its folder is a symbolic link out of the job folder: left alone"
+            continue
+        try:
+            os.unlink(target)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise _disk_error(err, target) from err
+        state.append(item.path, None)
+        log.info("removed %s (%s)", item.path, item.reason)
+        while parent != job_dir:
+            try:
+                os.rmdir(parent)
+            except OSError:
+                break
+            parent = parent.parent
