@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +26,22 @@ from nodekit.spec import PrepSettings, Spec, load_spec, parse_duration, sources_
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("nodekit")
+
+
+class _StdStream(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stdout / sys.stderr is at the time (test runners swap them)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self._name = name
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return getattr(sys, self._name)
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 class _MaxLevel(logging.Filter):
@@ -43,9 +60,9 @@ def setup_logging(verbose: bool) -> None:
         if getattr(handler, "_nodekit", False):
             root.removeHandler(handler)
     fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    out = logging.StreamHandler(click.get_text_stream("stdout"))
+    out = _StdStream("stdout")
     out.addFilter(_MaxLevel(logging.WARNING))
-    err = logging.StreamHandler(click.get_text_stream("stderr"))
+    err = _StdStream("stderr")
     err.setLevel(logging.WARNING)
     for handler in (out, err):
         handler.setFormatter(fmt)

@@ -131,7 +131,7 @@ def _list_sources(stores: list[Store], sources: tuple[SourceSpec, ...], flt: Glo
     listing: dict[str, tuple[int, RemoteFile]] = {}
     unsafe: list[str] = []
     paths: list[str] = []
-    for i, (store, source) in enumerate(zip(stores, sources)):
+    for i, (store, source) in enumerate(zip(stores, sources, strict=False)):
         files = store.list_files()
         kept = [f for f in files if flt(f.name) and source.filter(f.name)]
         if not kept:
@@ -171,7 +171,7 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
     http = HttpClient(ctx, pool_size=opts.concurrency)
     stores = [open_store(s, creds, http) for s in opts.sources]
     result = PrepResult(job_dir, [{"name": s.name, "source": st.display, "credential": st.credential_kind}
-                                  for s, st in zip(opts.sources, stores)], dry_run=opts.dry_run)
+                                  for s, st in zip(opts.sources, stores, strict=False)], dry_run=opts.dry_run)
     listing = _list_sources(stores, opts.sources, GlobFilter(opts.include, opts.exclude))
 
     def stat(path: str) -> LocalStat | None:

@@ -45,6 +45,9 @@ BUILTIN = {"builtin:sample": "sample"}
 DEFAULT_TIMEOUT_S = 3600.0
 
 
+NO_FILTER = GlobFilter()
+
+
 class SourceKind(str, Enum):
     """What a source is: a blob container (or a folder in it), one file by URL, or a local folder."""
 
@@ -78,7 +81,7 @@ class SourceSpec:
     blob: BlobLocation | None = None
     url: str | None = field(default=None, repr=False)
     path: str | None = None
-    filter: GlobFilter = GlobFilter()
+    filter: GlobFilter = NO_FILTER
 
 
 def parse_duration(value: str | float | int, *, what: str, maximum: float = MAX_TIMEOUT_S) -> float:
@@ -146,7 +149,7 @@ def parse_source(
     *,
     name: str | None = None,
     kind: str | None = None,
-    filter: GlobFilter = GlobFilter(),
+    filter: GlobFilter = NO_FILTER,
 ) -> SourceSpec:
     """Classify `text` (URL or path) into a SourceSpec; UsageError/UnsafeInput on anything wrong.
 

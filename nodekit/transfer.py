@@ -367,6 +367,24 @@ class Downloader:
         except OSError as err:
             raise _disk_error(err, final) from err
 
+    def _stream_to(self, tmp: Path, store: Store, remote: RemoteFile) -> tuple[int, bytes]:
+        """Fetch `remote` into `tmp` in one stream, hashing as it is written: (size, MD5 digest)."""
+        hasher = hashlib.md5()
+        size = 0
+        try:
+            with open(tmp, "wb") as fh:
+                def sink(data: bytes) -> None:
+                    nonlocal size
+                    fh.write(data)
+                    hasher.update(data)
+                    size += len(data)
+                    self.progress.add_bytes(len(data))
+
+                store.fetch(remote, 0, remote.size, sink)
+        except OSError as err:
+            raise _disk_error(err, tmp) from err
+        return size, hasher.digest()
+
     def _whole(self, item: PlannedFile) -> None:
         """One request stream per file: hash while writing, verify, place."""
         remote = item.remote
@@ -377,22 +395,9 @@ class Downloader:
         tmp = final.with_name("." + final.name + PARTIAL_SUFFIX)
         try:
             for attempt in range(1, INTEGRITY_ATTEMPTS + 1):
-                hasher = hashlib.md5()
-                size = 0
+                size, digest = self._stream_to(tmp, store, remote)
                 try:
-                    with open(tmp, "wb") as fh:
-                        def sink(data: bytes) -> None:
-                            nonlocal size
-                            fh.write(data)
-                            hasher.update(data)
-                            size += len(data)
-                            self.progress.add_bytes(len(data))
-
-                        store.fetch(remote, 0, remote.size, sink)
-                except OSError as err:
-                    raise _disk_error(err, tmp) from err
-                try:
-                    md5, verified = self._check(item, size, hasher.digest())
+                    md5, verified = self._check(item, size, digest)
                     break
                 except IntegrityError as err:
                     if attempt == INTEGRITY_ATTEMPTS:

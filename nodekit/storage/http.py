@@ -18,7 +18,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from nodekit.errors import AccessDenied, NotFound, SourceError, TransientError
 from nodekit.redact import display_url
-from nodekit.storage import CHUNK, RunContext, SourceChanged, Sink
+from nodekit.storage import CHUNK, RunContext, Sink, SourceChanged
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from nodekit.errors import AccessDenied, LocalIOError, NotFound
-from nodekit.storage import CHUNK, RemoteFile, SourceChanged, Sink
+from nodekit.storage import CHUNK, RemoteFile, Sink, SourceChanged
 
 
 def _identity(st: os.stat_result) -> tuple[str, str]:

@@ -1,0 +1,261 @@
+"""Shared fixtures: a scrubbed environment, a fake Batch node, Azurite, and sources to fill.
+
+Azurite is required: if it cannot start, the tests that need it fail (they never skip).
+It is started once per session on a free loopback port and stopped by its process id.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+AZURITE_BIN = ROOT / "node_modules" / ".bin" / "azurite-blob"
+DEV_ACCOUNT = "devstoreaccount1"
+DEV_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+@pytest.fixture(autouse=True)
+def _scrub_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never see the developer's Batch, Azure or nodekit settings."""
+    for name in list(os.environ):
+        if name.startswith(("AZ_BATCH_", "AZURE_", "NODEKIT_")):
+            monkeypatch.delenv(name)
+
+
+@dataclass
+class BatchNode:
+    """A fake node folder with Batch's layout and the variables a job preparation task sees."""
+
+    root: Path
+    job_id: str = "job-1"
+
+    @property
+    def shared(self) -> Path:
+        return self.root / "shared"
+
+    @property
+    def job_dir(self) -> Path:
+        return self.shared / self.job_id
+
+    @property
+    def prep_wd(self) -> Path:
+        return self.root / "workitems" / self.job_id / "job-1" / "jobpreparation" / "wd"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {
+            "AZ_BATCH_NODE_ROOT_DIR": str(self.root),
+            "AZ_BATCH_NODE_SHARED_DIR": str(self.shared),
+            "AZ_BATCH_JOB_ID": self.job_id,
+            "AZ_BATCH_NODE_ID": "tvm-1",
+            "AZ_BATCH_TASK_ID": "jobpreparation",
+            "AZ_BATCH_TASK_DIR": str(self.prep_wd.parent),
+            "AZ_BATCH_TASK_WORKING_DIR": str(self.prep_wd),
+            **extra,
+        }
+
+
+@pytest.fixture
+def batch_node(tmp_path: Path) -> BatchNode:
+    node = BatchNode(tmp_path / "node")
+    for d in (node.shared, node.root / "startup" / "wd", node.prep_wd):
+        d.mkdir(parents=True)
+    return node
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Azurite:
+    port: int
+    pid: int
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}/{DEV_ACCOUNT}"
+
+    @property
+    def connection_string(self) -> str:
+        return (f"DefaultEndpointsProtocol=http;AccountName={DEV_ACCOUNT};AccountKey={DEV_KEY};"
+                f"BlobEndpoint={self.endpoint};")
+
+
+def start_azurite() -> tuple[Azurite, subprocess.Popen[bytes]]:
+    """Start azurite-blob on a free loopback port; raise if it does not answer within 30 s."""
+    if not AZURITE_BIN.exists():
+        raise RuntimeError(f"{AZURITE_BIN} is missing: run the README's test command (it runs npm ci).")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(AZURITE_BIN), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence",
+         "--disableTelemetry", "--skipApiVersionCheck", "--loose", "--silent"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"Azurite exited at start: {proc.stderr.read().decode()[-500:] if proc.stderr else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return Azurite(port, proc.pid), proc
+        except OSError:
+            time.sleep(0.1)
+    stop_process(proc)
+    raise RuntimeError("Azurite did not start listening within 30 s")
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a process (and its group) by its id: SIGTERM, then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[Azurite]:
+    server, proc = start_azurite()
+    try:
+        yield server
+    finally:
+        stop_process(proc)
+
+
+class Remote:
+    """A source the tests fill: `put`, `delete`, and the `url` prep is given."""
+
+    kind: str
+    url: str
+
+    def put(self, name: str, data: bytes, *, blocks: bool = False) -> None:
+        raise NotImplementedError
+
+    def delete(self, name: str) -> None:
+        raise NotImplementedError
+
+
+class LocalRemote(Remote):
+    kind = "local"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True)
+        self.url = str(root)
+
+    def put(self, name: str, data: bytes, *, blocks: bool = False) -> None:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        # a different mtime than any earlier version, as a new upload would have
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_007))
+
+    def delete(self, name: str) -> None:
+        (self.root / name).unlink()
+
+
+class BlobRemote(Remote):
+    kind = "azurite"
+
+    def __init__(self, server: Azurite, prefix: str = "") -> None:
+        from azure.storage.blob import BlobServiceClient
+
+        self.server = server
+        self.container = f"c{uuid.uuid4().hex[:20]}"
+        self.service = BlobServiceClient.from_connection_string(server.connection_string)
+        self.client = self.service.get_container_client(self.container)
+        self.client.create_container()
+        self.prefix = prefix
+        self.url = f"{server.endpoint}/{self.container}" + (f"/{prefix}" if prefix else "")
+
+    def _name(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def put(self, name: str, data: bytes, *, blocks: bool = False) -> None:
+        if blocks:
+            from azure.storage.blob import BlobClient
+
+            blob = BlobClient.from_connection_string(
+                self.server.connection_string, self.container, self._name(name),
+                max_single_put_size=4 * 1024 * 1024, max_block_size=8 * 1024 * 1024)
+            blob.upload_blob(data, overwrite=True, max_concurrency=4)
+        else:
+            self.client.upload_blob(self._name(name), data, overwrite=True)
+
+    def delete(self, name: str) -> None:
+        self.client.delete_blob(self._name(name))
+
+    def put_raw(self, name: str, data: bytes) -> None:
+        """Upload under exactly `name`, every character percent-encoded (so '..' is not normalised away)."""
+        from urllib.parse import quote
+
+        import urllib3
+
+        url = self.sas_url(write=True, create=True)
+        base, sas = url.split("?", 1)
+        container_url = base[: base.index(self.container) + len(self.container)]
+        resp = urllib3.request("PUT", f"{container_url}/{quote(self._name(name), safe='')}?{sas}", body=data,
+                               headers={"x-ms-version": "2021-08-06", "x-ms-blob-type": "BlockBlob"})
+        assert resp.status == 201, resp.status
+
+    def sas_url(self, **perm: bool) -> str:
+        from datetime import datetime, timedelta, timezone
+
+        from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+        sas = generate_container_sas(DEV_ACCOUNT, self.container, account_key=DEV_KEY,
+                                     permission=ContainerSasPermissions(read=True, list=True, **perm),
+                                     expiry=datetime.now(timezone.utc) + timedelta(hours=1))
+        return f"{self.url}?{sas}"
+
+
+@pytest.fixture(params=["local", "azurite"])
+def remote(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
+    """The same storage tests run against a local folder and against Azurite."""
+    if request.param == "local":
+        return LocalRemote(tmp_path / "source")
+    return BlobRemote(request.getfixturevalue("azurite"))
+
+
+@pytest.fixture
+def blob_remote(azurite: Azurite) -> BlobRemote:
+    return BlobRemote(azurite)
+
+
+def remote_env(remote: Remote) -> dict[str, str]:
+    """The credential variables a test run needs for `remote` (none for a local folder)."""
+    if isinstance(remote, BlobRemote):
+        return {"AZURE_STORAGE_CONNECTION_STRING": remote.server.connection_string}
+    return {}
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every regular file under `root` (but nodekit's state folder) by '/'-path."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and not rel.startswith(".nodekit"):
+            out[rel] = path.read_bytes()
+    return out
+
+
