@@ -339,7 +339,7 @@ class Downloader:
         item.md5, item.verified = md5, verified
         self.progress.file_done()
         log.info("downloaded %s (%s, %s)", item.path, human_bytes(remote.size),
-                 "verified" if verified else "unverified: the source has no Content-MD5")
+                 "verified" if verified else "unverified: the source has no checksum; MD5 recorded")
 
     def _check(self, item: PlannedFile, got_size: int, digest: bytes) -> tuple[str, bool]:
         """(md5 base64, verified) or IntegrityError."""

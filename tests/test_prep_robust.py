@@ -102,3 +102,24 @@ def test_no_sas_or_key_in_any_output(blob_remote: BlobRemote, batch_node: BatchN
         result = run(["-v", "prep", url], batch_node.env(), ok=False)
         assert result.exit_code == code, result.stderr
         _secrets_absent([*secrets, "AAAA" + sig], result.stdout, result.stderr)
+
+
+def test_content_md5_mismatch_is_retried_then_fails_and_places_nothing(blob_remote: BlobRemote,
+                                                                       batch_node: BatchNode,
+                                                                       tmp_path: Path) -> None:
+    from azure.storage.blob import ContentSettings
+
+    blob_remote.put("good.txt", b"good")
+    blob_remote.put("bad.txt", b"the bytes")
+    blob_remote.client.get_blob_client("bad.txt").set_http_headers(
+        ContentSettings(content_md5=bytearray(b"0123456789abcdef")))  # a wrong checksum on the blob
+    rep_path = tmp_path / "r.json"
+    result = run(["prep", f"in={blob_remote.url}", "--report", str(rep_path)],
+                 batch_node.env(**remote_env(blob_remote)), ok=False)
+    assert result.exit_code == 7, result.stderr
+    assert "does not match the source's Content-MD5" in result.stderr
+    rep = report(rep_path)
+    assert rep["retries"] >= 2  # fetched three times in all
+    assert not (batch_node.job_dir / "in" / "bad.txt").exists()
+    assert not list(batch_node.job_dir.rglob("*.nodekit-partial"))
+    assert next(f for f in rep["files"] if f["name"] == "in/bad.txt")["error"]
