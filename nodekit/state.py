@@ -22,6 +22,7 @@ from nodekit.names import STATE_DIR
 
 STATE_FILE = "state.json"
 JOURNAL_FILE = "journal.jsonl"
+FLUSH_INTERVAL = 0.25  # seconds between journal writes
 LOCK_FILE = "lock"
 
 Record = dict[str, Any]
@@ -33,7 +34,11 @@ class StateStore:
     def __init__(self, job_dir: Path) -> None:
         self.dir = job_dir / STATE_DIR
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
         self._journal: Any = None
+        self._pending: list[str] = []
+        self._last_flush = time.monotonic()
+        self.dirty = False  # something was journalled: compact() has work to do
 
     def load(self) -> dict[str, Record]:
         """Records by job-relative path; a missing, torn or foreign file counts as empty."""
@@ -60,17 +65,41 @@ class StateStore:
         return records
 
     def append(self, path: str, record: Record | None) -> None:
-        """Journal that `path` now holds `record` (None: prep no longer owns it). Flushed, not fsynced."""
+        """Journal that `path` now holds `record` (None: prep no longer owns it). Safe from many threads.
+
+        Lines are buffered and written at most `FLUSH_INTERVAL` seconds apart: a kill loses at most
+        the records of the last moments, whose files are then downloaded again (never trusted).
+        """
         line = json.dumps({"path": path, "record": record}, ensure_ascii=False) + "\n"
         with self._lock:
+            self._pending.append(line)
+            due = time.monotonic() - self._last_flush >= FLUSH_INTERVAL
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered journal lines (one write, no fsync)."""
+        with self._flush_lock:
+            with self._lock:
+                lines, self._pending = self._pending, []
+                self._last_flush = time.monotonic()
+            if not lines:
+                return
             if self._journal is None:
                 self._journal = open(self.dir / JOURNAL_FILE, "a", encoding="utf-8")
-            self._journal.write(line)
+            self._journal.write("".join(lines))
             self._journal.flush()
+            self.dirty = True
 
     def compact(self, records: dict[str, Record]) -> None:
-        """Write `records` as the new state.json (atomically, fsynced) and drop the journal."""
-        with self._lock:
+        """Write `records` as the new state.json (atomically, fsynced) and drop the journal.
+
+        Does nothing when nothing was journalled and state.json is current (a warm re-run).
+        """
+        self.flush()
+        if not self.dirty and not (self.dir / JOURNAL_FILE).exists() and (self.dir / STATE_FILE).exists():
+            return
+        with self._flush_lock:
             if self._journal is not None:
                 self._journal.close()
                 self._journal = None
@@ -86,7 +115,8 @@ class StateStore:
                 pass
 
     def close(self) -> None:
-        with self._lock:
+        self.flush()
+        with self._flush_lock:
             if self._journal is not None:
                 self._journal.close()
                 self._journal = None

@@ -338,7 +338,7 @@ class Downloader:
             self.placed[item.path] = record
         item.md5, item.verified = md5, verified
         self.progress.file_done()
-        log.info("downloaded %s (%s, %s)", item.path, human_bytes(remote.size),
+        log.debug("downloaded %s (%s, %s)", item.path, human_bytes(remote.size),
                  "verified" if verified else "unverified: the source has no checksum; MD5 recorded")
 
     def _check(self, item: PlannedFile, got_size: int, digest: bytes) -> tuple[str, bool]:

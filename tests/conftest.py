@@ -7,21 +7,15 @@ It is started once per session on a free loopback port and stopped by its proces
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from azurite import DEV_ACCOUNT, DEV_KEY, ROOT, Azurite, start_azurite, stop_process
 
-ROOT = Path(__file__).resolve().parent.parent
-AZURITE_BIN = ROOT / "node_modules" / ".bin" / "azurite-blob"
-DEV_ACCOUNT = "devstoreaccount1"
-DEV_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+__all__ = ["DEV_ACCOUNT", "DEV_KEY", "ROOT", "Azurite", "start_azurite", "stop_process"]
 
 
 @pytest.fixture(autouse=True)
@@ -70,66 +64,6 @@ def batch_node(tmp_path: Path) -> BatchNode:
     for d in (node.shared, node.root / "startup" / "wd", node.prep_wd):
         d.mkdir(parents=True)
     return node
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Azurite:
-    port: int
-    pid: int
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}/{DEV_ACCOUNT}"
-
-    @property
-    def connection_string(self) -> str:
-        return (f"DefaultEndpointsProtocol=http;AccountName={DEV_ACCOUNT};AccountKey={DEV_KEY};"
-                f"BlobEndpoint={self.endpoint};")
-
-
-def start_azurite() -> tuple[Azurite, subprocess.Popen[bytes]]:
-    """Start azurite-blob on a free loopback port; raise if it does not answer within 30 s."""
-    if not AZURITE_BIN.exists():
-        raise RuntimeError(f"{AZURITE_BIN} is missing: run the README's test command (it runs npm ci).")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [str(AZURITE_BIN), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence",
-         "--disableTelemetry", "--skipApiVersionCheck", "--loose", "--silent"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"Azurite exited at start: {proc.stderr.read().decode()[-500:] if proc.stderr else ''}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return Azurite(port, proc.pid), proc
-        except OSError:
-            time.sleep(0.1)
-    stop_process(proc)
-    raise RuntimeError("Azurite did not start listening within 30 s")
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """Stop a process (and its group) by its id: SIGTERM, then SIGKILL."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.fixture(scope="session")
