@@ -35,7 +35,7 @@ _VARS = {
 }
 
 # Which command-line option stands in for a variable on a local run.
-_OPTION_FOR = {"shared_dir": "--shared-dir", "job_id": "--job-id", "node_id": "--node-id"}
+_OPTION_FOR = {"shared_dir": "--shared-dir", "job_id": "--job-id", "node_id": "--node-id", "root_dir": "--root-dir"}
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from nodekit.batchenv import BatchEnv
 from nodekit.credentials import CredentialEnv
 from nodekit.errors import ExitCode, NodekitError
 from nodekit.redact import ScrubFilter, scrub
-from nodekit.spec import PrepSettings, Spec, load_spec, parse_duration, sources_from_args
+from nodekit.spec import PrepSettings, Spec, load_spec, parse_duration, parse_source, sources_from_args
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("nodekit")
@@ -126,7 +126,7 @@ def cli(verbose: bool) -> None:
 
     Exit codes: 0 ok, 1 internal error, 2 usage, 3 Batch variable missing, 4 source not
     found or access denied, 5 transient failure (retry may help), 6 unsafe input refused,
-    7 checksum mismatch, 8 local disk error.
+    7 checksum mismatch, 8 local disk error, 9 release kept everything (storage failed).
     """
     setup_logging(verbose)
 
@@ -183,6 +183,67 @@ def prep_command(sources: tuple[str, ...], spec_path: str | None, include: tuple
     creds = CredentialEnv.from_environ(os.environ, client_id=identity_client_id)
     result = run_prep(opts, env, creds, emit=click.echo)
     click.echo(result.summary())
+
+
+@cli.command("release")
+@click.option("--upload-to", metavar="URL", envvar="NODEKIT_UPLOAD_TO",
+              help="Blob container URL (or a folder) to keep the logs and dumps in, under JOB_ID/NODE_ID/.")
+@click.option("--spec", "spec_path", type=click.Path(dir_okay=False), envvar="NODEKIT_SPEC",
+              help="Description file (JSON); its release section supplies what the command line does not.")
+@click.option("--logs", multiple=True, metavar="GLOB",
+              help="Also keep files matching GLOB in the tasks' working folders, e.g. '**/*.log' (repeatable).")
+@click.option("--dumps", multiple=True, metavar="GLOB",
+              help="Crash-dump patterns, replacing the default: core, core.*, *.dmp, *.mdmp (repeatable).")
+@click.option("--deadline", callback=_duration("--deadline", 15 * 60), envvar="NODEKIT_DEADLINE", metavar="DURATION",
+              help="Finish within this long, wipe included (at most 15m, Batch's limit). Default 12m.")
+@click.option("--wipe-on-upload-failure", is_flag=True, default=None,
+              help="Wipe even when the upload failed or did not finish (the retention policy first).")
+@click.option("--wipe-task-dirs", is_flag=True, default=None,
+              help="Also delete the working folders of this job's tasks on this node.")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded and deleted; change nothing.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), envvar="NODEKIT_REPORT",
+              help="Write the JSON report here (default: nodekit-release.json in $AZ_BATCH_TASK_WORKING_DIR).")
+@click.option("--identity-client-id", envvar="AZURE_CLIENT_ID", metavar="ID",
+              help="Client id of the pool's user-assigned managed identity.")
+@click.option("--node-id", metavar="ID", help="Node id for a local run (default: $AZ_BATCH_NODE_ID).")
+@click.option("--root-dir", metavar="DIR", type=click.Path(file_okay=False),
+              help="Node root folder for a local run (default: $AZ_BATCH_NODE_ROOT_DIR).")
+@local_run_options
+def release_command(upload_to: str | None, spec_path: str | None, logs: tuple[str, ...], dumps: tuple[str, ...],
+                    deadline: float | None, wipe_on_upload_failure: bool | None, wipe_task_dirs: bool | None,
+                    dry_run: bool, report_path: Path | None, identity_client_id: str | None, node_id: str | None,
+                    root_dir: str | None, shared_dir: str | None, job_id: str | None) -> None:
+    """Keep the job's logs and crash dumps in blob storage, then wipe the job's data from the node.
+
+    Uploads a logs archive and each dump (compressed) to URL/JOB_ID/NODE_ID/ with a manifest,
+    verifies them, then deletes SHARED_DIR/JOB_ID (and, with --wipe-task-dirs, the tasks'
+    working folders). If the upload fails nothing is wiped. Safe to run again.
+    """
+    from nodekit.release import DEFAULT_DEADLINE_S, DEFAULT_DUMPS, ReleaseOptions, run_release
+
+    spec = load_spec(spec_path) if spec_path else Spec()
+    rs = spec.release
+    dest = parse_source(upload_to, name="upload") if upload_to else rs.upload_to
+    if dest is None:
+        raise click.UsageError("missing --upload-to URL (or release.upload_to in --spec).")
+    opts = ReleaseOptions(
+        upload_to=dest,
+        logs=logs or rs.logs,
+        dumps=dumps or rs.dumps or DEFAULT_DUMPS,
+        deadline=deadline or rs.deadline or DEFAULT_DEADLINE_S,
+        wipe_on_upload_failure=bool(wipe_on_upload_failure if wipe_on_upload_failure is not None
+                                    else rs.wipe_on_upload_failure),
+        wipe_task_dirs=bool(wipe_task_dirs if wipe_task_dirs is not None else rs.wipe_task_dirs),
+        dry_run=dry_run,
+        report_path=report_path,
+    )
+    env = BatchEnv.from_environ(os.environ).with_overrides(
+        shared_dir=shared_dir, job_id=job_id or spec.job_id, node_id=node_id, root_dir=root_dir)
+    creds = CredentialEnv.from_environ(os.environ, client_id=identity_client_id)
+    result = run_release(opts, env, creds, emit=click.echo)
+    click.echo(result.summary())
+    if result.exit_code:
+        raise click.exceptions.Exit(int(result.exit_code))
 
 
 def main() -> None:

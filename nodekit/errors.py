@@ -22,6 +22,7 @@ class ExitCode(IntEnum):
     UNSAFE = 6  # unsafe input refused: names or paths that would leave the job's folders
     INTEGRITY = 7  # downloaded data did not match its checksum, even after retries
     LOCAL_IO = 8  # the node's disk refused a write (full, read-only, permissions)
+    KEPT_ALL = 9  # release: storage failed, so nothing was uploaded and nothing wiped
 
 
 class NodekitError(Exception):

@@ -250,18 +250,32 @@ class PrepSettings:
 
 
 @dataclass(frozen=True)
+class ReleaseSettings:
+    """release's part of a description file (command-line options override each)."""
+
+    upload_to: SourceSpec | None = None
+    logs: tuple[str, ...] = ()
+    dumps: tuple[str, ...] | None = None
+    deadline: float | None = None
+    wipe_on_upload_failure: bool | None = None
+    wipe_task_dirs: bool | None = None
+
+
+@dataclass(frozen=True)
 class Spec:
     """A whole description file."""
 
     job_id: str | None = None
     pool_id: str | None = None
     prep: PrepSettings = PrepSettings()
-    release: Mapping[str, Any] = field(default_factory=dict)
+    release: ReleaseSettings = ReleaseSettings()
 
 
 _TOP_KEYS = {"nodekit", "job_id", "pool_id", "prep", "release"}
 _PREP_KEYS = {"sources", "include", "exclude", "timeout", "dest", "concurrency"}
 _SOURCE_KEYS = {"url", "name", "kind", "include", "exclude"}
+_RELEASE_KEYS = {"upload_to", "logs", "dumps", "deadline", "wipe_on_upload_failure", "wipe_task_dirs"}
+RELEASE_MAX_DEADLINE_S = 15 * 60.0
 
 
 def _strings(value: Any, where: str) -> tuple[str, ...]:
@@ -324,13 +338,33 @@ def parse_spec(data: Any, *, origin: str = "description") -> Spec:
         dest=dest,
         concurrency=concurrency,
     )
-    release = data.get("release", {})
-    if not isinstance(release, dict):
-        raise UsageError(f"{origin}: 'release' must be an object.")
+    release = _parse_release(data.get("release", {}), origin)
     for key in ("job_id", "pool_id"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise UsageError(f"{origin}: {key} must be a string.")
     return Spec(job_id=data.get("job_id"), pool_id=data.get("pool_id"), prep=prep, release=release)
+
+
+def _parse_release(data: Any, origin: str) -> ReleaseSettings:
+    if not isinstance(data, dict):
+        raise UsageError(f"{origin}: 'release' must be an object.")
+    _check_keys(data, _RELEASE_KEYS, f"{origin} release")
+    for key in ("wipe_on_upload_failure", "wipe_task_dirs"):
+        if data.get(key) is not None and not isinstance(data[key], bool):
+            raise UsageError(f"{origin}: release.{key} must be true or false.")
+    upload_to = data.get("upload_to")
+    if upload_to is not None and not isinstance(upload_to, str):
+        raise UsageError(f"{origin}: release.upload_to must be a URL or a folder.")
+    deadline = data.get("deadline")
+    return ReleaseSettings(
+        upload_to=None if upload_to is None else parse_source(upload_to, name="upload"),
+        logs=_strings(data.get("logs", []), f"{origin} release.logs"),
+        dumps=None if data.get("dumps") is None else _strings(data["dumps"], f"{origin} release.dumps"),
+        deadline=None if deadline is None else parse_duration(deadline, what=f"{origin} release.deadline",
+                                                                maximum=RELEASE_MAX_DEADLINE_S),
+        wipe_on_upload_failure=data.get("wipe_on_upload_failure"),
+        wipe_task_dirs=data.get("wipe_task_dirs"),
+    )
 
 
 def load_spec(path: str | Path) -> Spec:

@@ -11,6 +11,13 @@ Contract of every `Store` (the same test suite runs against each implementation)
   retried and resumed from the last byte delivered. If the file changed since it was listed,
   it raises SourceChanged (a TransientError); if it is gone, NotFound.
 - `supports_ranges(file)` says whether `fetch` with start > 0 costs no more than the range.
+
+A `WritableStore` (a container or a local folder given to release) also:
+
+- `head(name)` returns the object's RemoteFile (size, content_md5) or None if it is absent;
+- `read_small(name)` returns a small object's bytes, or None if it is absent;
+- `put(name, chunks)` writes the chunks as one object, replacing an object of that name,
+  never visible half-written; it stores the MD5 of the whole (Content-MD5) and returns it.
 Stores are safe to use from many threads at once.
 """
 
@@ -19,7 +26,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -102,3 +109,16 @@ class Store(Protocol):
     def fetch(self, file: RemoteFile, start: int, length: int, sink: Sink) -> None: ...
 
     def supports_ranges(self, file: RemoteFile) -> bool: ...
+
+
+class WritableStore(Protocol):
+    """A destination for release (see the module docstring for the contract)."""
+
+    display: str
+    credential_kind: str
+
+    def head(self, name: str) -> RemoteFile | None: ...
+
+    def read_small(self, name: str) -> bytes | None: ...
+
+    def put(self, name: str, chunks: Iterable[bytes], *, metadata: dict[str, str] | None = None) -> RemoteFile: ...

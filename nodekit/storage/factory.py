@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from nodekit.credentials import CredentialEnv
+from nodekit.errors import UsageError
 from nodekit.spec import SourceKind, SourceSpec
-from nodekit.storage import Store
+from nodekit.storage import Store, WritableStore
 from nodekit.storage.http import HttpClient
 
 
@@ -24,3 +25,18 @@ def open_store(source: SourceSpec, creds: CredentialEnv, http: HttpClient) -> St
 
     assert source.blob is not None
     return AzureBlobStore(source.blob, resolve_auth(source.blob, creds, lifetime=http.ctx.timeout), http)
+
+
+def open_destination(dest: SourceSpec, creds: CredentialEnv, http: HttpClient) -> WritableStore:
+    """A WritableStore for release's --upload-to: a blob container (or folder in it) or a local folder."""
+    if dest.kind is SourceKind.LOCAL:
+        from nodekit.storage.local import LocalStore
+
+        assert dest.path is not None
+        return LocalStore(dest.path)
+    if dest.kind is SourceKind.URL or dest.blob is None:
+        raise UsageError(f"--upload-to {dest.display}: give a blob container URL or a folder, not a file URL.")
+    from nodekit.storage.azure import AzureBlobStore, resolve_auth
+
+    auth = resolve_auth(dest.blob, creds, permission="rcwl", lifetime=http.ctx.timeout)
+    return AzureBlobStore(dest.blob, auth, http)

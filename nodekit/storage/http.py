@@ -69,6 +69,7 @@ class HttpClient:
         what: str,
         stream: bool = False,
         credential_kind: str = "",
+        body: bytes | None = None,
     ) -> urllib3.BaseHTTPResponse:
         """Send one request, retrying transient failures; return a 2xx/206 response.
 
@@ -80,7 +81,7 @@ class HttpClient:
             if self.ctx.stop.is_set():
                 raise TransientError(f"{what}: not started, the run is stopping after another error.")
             try:
-                resp = self.pool.request(method, url, headers=dict(headers), preload_content=False,
+                resp = self.pool.request(method, url, headers=dict(headers), body=body, preload_content=False,
                                          redirect=False)
             except Urllib3Error as err:
                 attempt += 1

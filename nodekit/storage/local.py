@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import stat
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from nodekit.errors import AccessDenied, LocalIOError, NotFound
+from nodekit.errors import AccessDenied, LocalIOError, NotFound, UnsafeInput
+from nodekit.names import PARTIAL_SUFFIX, unsafe_reason
 from nodekit.storage import CHUNK, RemoteFile, Sink, SourceChanged
 
 
@@ -89,3 +93,63 @@ class LocalStore:
             raise NotFound(f"{path} is now a folder.") from None
         except OSError as err:
             raise LocalIOError(f"reading {path} failed: {err.strerror}.") from err
+
+    # -- as a destination (release) ---------------------------------------------------------
+    def _target(self, name: str) -> Path:
+        reason = unsafe_reason(name)
+        if reason:
+            raise UnsafeInput(f"refusing to write {name!r} under {self.root} ({reason}).")
+        return self.root.joinpath(*name.split("/"))
+
+    def head(self, name: str) -> RemoteFile | None:
+        """The object's size and MD5 (read back from disk: a real check), or None."""
+        path = self._target(name)
+        try:
+            st = os.stat(path)
+            digest = hashlib.md5()
+            with open(path, "rb") as fh:
+                while chunk := fh.read(4 * CHUNK):
+                    digest.update(chunk)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise LocalIOError(f"reading {path} failed: {err.strerror}.") from err
+        etag, modified = _identity(st)
+        return RemoteFile(name, st.st_size, etag, modified, base64.b64encode(digest.digest()).decode())
+
+    def read_small(self, name: str) -> bytes | None:
+        try:
+            return self._target(name).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise LocalIOError(f"reading {self.root / name} failed: {err.strerror}.") from err
+
+    def put(self, name: str, chunks: Iterable[bytes], *, metadata: dict[str, str] | None = None) -> RemoteFile:
+        """Write through a temporary name and rename; metadata is not kept by a folder."""
+        path = self._target(name)
+        tmp = path.with_name("." + path.name + PARTIAL_SUFFIX)
+        digest = hashlib.md5()
+        size = 0
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as fh:
+                for chunk in chunks:
+                    fh.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+            os.replace(tmp, path)
+        except OSError as err:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise LocalIOError(f"writing {path} failed: {err.strerror}.") from err
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        etag, modified = _identity(os.stat(path))
+        return RemoteFile(name, size, etag, modified, base64.b64encode(digest.digest()).decode())
