@@ -89,16 +89,20 @@ def load(container_client: object, ds: Dataset, conn: str, container: str) -> No
 
 
 def run(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS in MiB of the process tree, exit code)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
-        raise RuntimeError(f"{cmd[0]} exited {code}: {err}")
-    return wall, usage.ru_maxrss // 1024, code
+    """(wall seconds, peak RSS in MiB, exit code) of `cmd`, measured by GNU time.
+
+    Not wait4 on a child of ours: a forked Python child carries this process's own RSS until it
+    execs, which would count as the tool's peak.
+    """
+    with tempfile.NamedTemporaryFile(suffix=".rss") as rss_file:
+        start = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss_file.name, *cmd], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cmd[0]} exited {proc.returncode}: {proc.stderr.decode(errors='replace')[-2000:]}")
+        rss_kib = int(Path(rss_file.name).read_text().split()[-1])
+    return wall, rss_kib // 1024, proc.returncode
 
 
 def main() -> None:

@@ -24,9 +24,10 @@ def test_every_command_has_help_and_is_in_the_readme(command: str) -> None:
     assert f"nodekit {command}" in README
 
 
-def test_every_prep_option_is_in_the_readme() -> None:
-    options = [o for p in cli.commands["prep"].params for o in p.opts if o.startswith("--")]
-    missing = [o for o in options if o not in README]
+@pytest.mark.parametrize("command", sorted(cli.commands))
+def test_every_option_is_in_the_readme(command: str) -> None:
+    options = [o for p in cli.commands[command].params for o in p.opts if o.startswith("--")]
+    missing = [o for o in options if f"`{o}" not in README]
     assert not missing
 
 
