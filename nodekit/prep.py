@@ -42,6 +42,7 @@ from nodekit.transfer import (
 log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = min(64, 8 * (os.cpu_count() or 2))
+RUNNING_MARKER = "running"  # present while a run works: a run that finds it sweeps partial files
 _MAX_LISTED = 10
 
 
@@ -174,8 +175,10 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
                                   for s, st in zip(opts.sources, stores, strict=False)], dry_run=opts.dry_run)
     listing = _list_sources(stores, opts.sources, GlobFilter(opts.include, opts.exclude))
 
+    job_root = str(job_dir) + os.sep
+
     def stat(path: str) -> LocalStat | None:
-        return LocalStat.of(job_dir.joinpath(*path.split("/")))
+        return LocalStat.of(job_root + path.replace("/", os.sep))
 
     state = StateStore(job_dir)
     if opts.dry_run:
@@ -194,9 +197,12 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
         if lock.waited > 0.5:
             log.info("waited %.1f s for another nodekit run on this job to finish", lock.waited)
         records = state.load()
-        result.swept = sweep_partials(job_dir)
-        if result.swept:
-            log.info("removed %d partial file(s) left by an interrupted run", result.swept)
+        marker = job_dir / STATE_DIR / RUNNING_MARKER
+        if marker.exists() or not (job_dir / STATE_DIR / "state.json").exists():  # the last run did not finish
+            result.swept = sweep_partials(job_dir)
+            if result.swept:
+                log.info("removed %d partial file(s) left by an interrupted run", result.swept)
+        marker.touch()
         result.files = plan(listing, records, stat)
         for f in result.files:
             if f.action is Action.SKIP:
@@ -222,6 +228,8 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
                 records.update(downloader.placed)
             state.compact(records)
         result.retries, result.elapsed = ctx.retries, time.monotonic() - ctx.started
+        if not errors:
+            marker.unlink()  # finished: no partial file can be left behind
         if errors:
             result.error = str(errors[0])
             _write_report(result, opts, env)

@@ -15,10 +15,10 @@ import errno
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -54,13 +54,11 @@ class LocalStat:
     regular: bool
 
     @classmethod
-    def of(cls, path: Path) -> LocalStat | None:
+    def of(cls, path: str | Path) -> LocalStat | None:
         try:
             st = os.lstat(path)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        import stat
-
         return cls(st.st_size, st.st_mtime_ns, stat.S_ISREG(st.st_mode))
 
 
@@ -309,6 +307,8 @@ class Downloader:
                     errors.append(NodekitError(f"unexpected error on {item.path}: {type(err).__name__}: {err}"))
                 self.ctx.stop.set()
                 log.exception("unexpected error on %s", item.path)
+
+        from concurrent.futures import Future, ThreadPoolExecutor  # not paid for by a warm re-run
 
         big = [i for i in items if i.remote and i.remote.size > RANGE_THRESHOLD
                and self.stores[i.source or 0].supports_ranges(i.remote)]

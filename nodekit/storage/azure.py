@@ -1,6 +1,6 @@
 """Azure Blob Storage as a store: the only module that imports the Azure SDK (lazily).
 
-Listing and downloads speak the Blob REST API directly over pooled urllib3 connections
+Listing, downloads and uploads speak the Blob REST API directly over kept-alive connections
 (a lean path: no SDK pipeline per request, no 0.5 s SDK import on a warm re-run). The SDK is
 used only to turn an account key into a short-lived SAS, and azure-identity only to get
 bearer tokens. Each GET carries `If-Match` with the listed ETag, so a blob that changes while
