@@ -8,6 +8,7 @@ stdout, warnings and errors on stderr, no colour or carriage returns.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -244,6 +245,112 @@ def release_command(upload_to: str | None, spec_path: str | None, logs: tuple[st
     click.echo(result.summary())
     if result.exit_code:
         raise click.exceptions.Exit(int(result.exit_code))
+
+
+@cli.command("cmdline")
+@click.argument("sources", nargs=-1, metavar="[NAME=]SOURCE...")
+@click.option("--spec", "spec_path", type=click.Path(dir_okay=False), envvar="NODEKIT_SPEC",
+              help="Description file (JSON): sources, release settings, job and pool ids.")
+@click.option("--os", "target_os", type=click.Choice(["linux", "windows"]), default="linux", show_default=True,
+              help="The pool's operating system.")
+@click.option("--format", "fmt", type=click.Choice(["lines", "job", "start-task"]), default="lines",
+              show_default=True, help="Bare command lines, the job JSON, or the pool's start task JSON.")
+@click.option("--job-id", metavar="ID", help="The job's id (or job_id in --spec).")
+@click.option("--pool-id", metavar="ID", help="The pool's id, for the job JSON (or pool_id in --spec).")
+@click.option("--upload-to", metavar="URL", help="Where release keeps logs and dumps (or release.upload_to).")
+@click.option("--include", multiple=True, metavar="GLOB", help="prep --include (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="prep --exclude (repeatable).")
+@click.option("--timeout", callback=_duration("--timeout", 24 * 3600), metavar="DURATION",
+              help="prep --timeout; the preparation task's maxWallClockTime is 5 minutes more. Default 1h.")
+@click.option("--logs", multiple=True, metavar="GLOB", help="release --logs (repeatable).")
+@click.option("--dumps", multiple=True, metavar="GLOB", help="release --dumps (repeatable).")
+@click.option("--deadline", callback=_duration("--deadline", 24 * 3600), metavar="DURATION",
+              help="release --deadline; must end before the release task's maxWallClockTime. Default 12m.")
+@click.option("--wipe-task-dirs", is_flag=True, default=None, help="release --wipe-task-dirs.")
+@click.option("--wipe-on-upload-failure", is_flag=True, default=None, help="release --wipe-on-upload-failure.")
+@click.option("--identity-client-id", metavar="ID",
+              help="The pool's user-assigned managed identity: how prep and release authenticate.")
+@click.option("--install", metavar="REQUIREMENT", default=None,
+              help="What the start task pip-installs (default: nodekit==THIS_VERSION).")
+@click.option("--wheel-url", metavar="URL", help="A nodekit wheel for the start task to fetch as a resource file.")
+@click.option("--template", "template_path", type=click.Path(dir_okay=False),
+              help="Your own job or start-task template instead of the packaged one.")
+@click.option("--prep-retries", type=click.IntRange(0, 100), default=2, show_default=True,
+              help="The preparation task's maxTaskRetryCount (prep is safe to run again).")
+@click.option("--release-max-wall-clock", callback=_duration("--release-max-wall-clock", 24 * 3600),
+              metavar="DURATION", help="The release task's maxWallClockTime (at most PT15M, the default).")
+@click.option("--retention", callback=_duration("--retention", 3650 * 86400), metavar="DURATION",
+              help="retentionTime of both tasks' folders (Batch's default: 7 days).")
+@click.option("--env", "env_pairs", multiple=True, metavar="NAME=VALUE",
+              help="An environment setting of both tasks (never a secret: the job is readable).")
+def cmdline_command(sources: tuple[str, ...], spec_path: str | None, target_os: str, fmt: str,
+                    job_id: str | None, pool_id: str | None, upload_to: str | None, include: tuple[str, ...],
+                    exclude: tuple[str, ...], timeout: float | None, logs: tuple[str, ...], dumps: tuple[str, ...],
+                    deadline: float | None, wipe_task_dirs: bool | None, wipe_on_upload_failure: bool | None,
+                    identity_client_id: str | None, install: str | None, wheel_url: str | None,
+                    template_path: str | None, prep_retries: int, release_max_wall_clock: float | None,
+                    retention: float | None, env_pairs: tuple[str, ...]) -> None:
+    """Print the preparation and release command lines, the job JSON or the pool start task.
+
+    From one description (--spec, or the same settings as options), so that what prep
+    downloads and what release wipes always agree. Data on stdout, notes on stderr.
+    """
+    from dataclasses import replace
+
+    from nodekit.cmdline import (
+        VENV_LINUX,
+        VENV_WINDOWS,
+        Description,
+        command_lines,
+        job_json,
+        read_template,
+        start_task,
+    )
+
+    spec = load_spec(spec_path) if spec_path else Spec()
+    if sources and spec.prep.sources:
+        raise click.UsageError("give sources either as arguments or in --spec, not both.")
+    rs = spec.release
+    release = replace(
+        rs,
+        upload_to=parse_source(upload_to, name="upload") if upload_to else rs.upload_to,
+        logs=logs or rs.logs, dumps=dumps or rs.dumps, deadline=deadline or rs.deadline,
+        wipe_task_dirs=wipe_task_dirs if wipe_task_dirs is not None else rs.wipe_task_dirs,
+        wipe_on_upload_failure=(wipe_on_upload_failure if wipe_on_upload_failure is not None
+                                else rs.wipe_on_upload_failure))
+    pairs = []
+    for pair in env_pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{pair!r} is not NAME=VALUE.", param_hint="--env")
+        pairs.append((name, value))
+    the_job_id = job_id or spec.job_id
+    if not the_job_id:
+        raise click.UsageError("missing --job-id (or job_id in --spec).")
+    desc = Description(
+        job_id=the_job_id, pool_id=pool_id or spec.pool_id,
+        sources=sources_from_args(sources) if sources else spec.prep.sources,
+        include=include or spec.prep.include, exclude=exclude or spec.prep.exclude,
+        prep_timeout=timeout or spec.prep.timeout or 3600.0, concurrency=spec.prep.concurrency,
+        release=release, identity_client_id=identity_client_id, os=target_os,
+        wheel_url=wheel_url, prep_retries=prep_retries, retention=retention, env=tuple(pairs),
+        **({"install": install} if install else {}),
+        **({"release_max_wall_clock": release_max_wall_clock} if release_max_wall_clock else {}),
+    )
+    template = read_template(template_path) if template_path else None
+    if fmt == "lines":
+        for line in command_lines(desc):
+            click.echo(line)
+    elif fmt == "job":
+        click.echo(json.dumps(job_json(desc, template), indent=2, ensure_ascii=False))
+    else:
+        click.echo(json.dumps(start_task(desc, template), indent=2, ensure_ascii=False))
+    if fmt != "start-task":
+        how = (f"the managed identity {identity_client_id}" if identity_client_id else
+               "DefaultAzureCredential or AZURE_STORAGE_* variables that the pool must provide")
+        venv = VENV_LINUX if target_os == "linux" else VENV_WINDOWS
+        click.echo(f"note: prep and release will authenticate with {how}; nodekit runs from {venv}, "
+                   "which --format start-task installs.", err=True)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path, PureWindowsPath
 from typing import Any
@@ -33,7 +33,7 @@ from nodekit.redact import display_url, register_secret
 _ACCOUNT = re.compile(r"^[a-z0-9]{3,24}$")
 _CONTAINER = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$")
 _VHOST = re.compile(r"^(?P<account>[a-z0-9]{3,24})\.blob\.[a-z0-9.-]+$")
-_NAMED = re.compile(r"^(?P<name>[^=/\\:?&]+)=(?P<rest>.+)$")
+_NAMED = re.compile(r"^(?P<name>[^=/\\:]+)=(?P<rest>.+)$")  # a URL's or drive's ':' comes before any '='
 _DURATION = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h|d)?$")
 _ISO_DURATION = re.compile(
     r"^P(?:(?P<d>\d+)D)?(?:T(?:(?P<h>\d+)H)?(?:(?P<m>\d+)M)?(?:(?P<s>\d+(?:\.\d+)?)S)?)?$"
@@ -82,6 +82,8 @@ class SourceSpec:
     url: str | None = field(default=None, repr=False)
     path: str | None = None
     filter: GlobFilter = NO_FILTER
+    raw: str = field(default="", repr=False)  # the text as given (may hold a SAS: never print it)
+    kind_given: str | None = None  # the kind the description named, if any
 
 
 def parse_duration(value: str | float | int, *, what: str, maximum: float = MAX_TIMEOUT_S) -> float:
@@ -165,7 +167,8 @@ def parse_source(
         raise UsageError(f"source kind {kind!r} is not one of blob, url, local.")
     if text.lower() in BUILTIN:
         path = str(Path(__file__).parent / BUILTIN[text.lower()])
-        return _finish(SourceSpec(SourceKind.LOCAL, name or "sample", text.lower(), path=path, filter=filter))
+        spec = SourceSpec(SourceKind.LOCAL, name or "sample", text.lower(), path=path, filter=filter)
+        return _finish(spec, text, kind)
     try:
         parts = urlsplit(text)
     except ValueError as err:
@@ -178,8 +181,9 @@ def parse_source(
         path = unquote(parts.path) if scheme == "file" else text
         if scheme == "file" and parts.netloc not in ("", "localhost"):
             raise UsageError(f"file URL {text!r} names a host: use file:///absolute/path.")
-        default_name = Path(path.rstrip("/\\")).name or "local"
-        return _finish(SourceSpec(SourceKind.LOCAL, name or default_name, path, path=path, filter=filter))
+        windows_path = is_drive or "\\" in path
+        default_name = (PureWindowsPath(path).name if windows_path else Path(path.rstrip("/")).name) or "local"
+        return _finish(SourceSpec(SourceKind.LOCAL, name or default_name, path, path=path, filter=filter), text, kind)
     if scheme not in ("http", "https"):
         raise UsageError(
             f"unknown scheme '{parts.scheme}:' in source {display_url(text)!r}: "
@@ -222,15 +226,17 @@ def parse_source(
             sas = _check_sas(parts.query, shown)
             location = BlobLocation(endpoint, account, container, prefix, sas)
             default_name = segments[-1] if len(segments) > 1 else container
-            return _finish(SourceSpec(SourceKind.BLOB, name or default_name, shown, blob=location, filter=filter))
+            spec = SourceSpec(SourceKind.BLOB, name or default_name, shown, blob=location, filter=filter)
+            return _finish(spec, text, kind)
     if not segments:
         raise UsageError(f"{shown}: a file URL needs a path that ends in a file name.")
     if parts.query and "sig=" in parts.query:
         _check_sas(parts.query, shown)
-    return _finish(SourceSpec(SourceKind.URL, name or "downloads", shown, url=text, filter=filter))
+    return _finish(SourceSpec(SourceKind.URL, name or "downloads", shown, url=text, filter=filter), text, kind)
 
 
-def _finish(spec: SourceSpec) -> SourceSpec:
+def _finish(spec: SourceSpec, raw: str, kind: str | None) -> SourceSpec:
+    spec = replace(spec, raw=raw, kind_given=kind)
     reason = unsafe_reason(spec.name)
     if reason:
         raise UnsafeInput(f"source folder name {spec.name!r} for {spec.display} is unsafe ({reason}).")

@@ -1,0 +1,297 @@
+"""The generator: preparation and release command lines, job JSON and pool start task.
+
+Pure: a `Description` in, strings and dicts out; nothing here touches the disk or the network
+(templates are read by `load_template`). Everything is checked before anything is produced:
+what Batch would refuse (ids, the release task's 15 minutes), what prep or release would refuse
+(sources, destinations), and any credential that would land on a command line, which anyone who
+can read the job sees. Raises UsageError or UnsafeInput.
+
+Command lines run without a shell on Batch, so they call one: `/bin/bash -c '…'` on Linux
+(arguments quoted for bash inside, the script quoted for Batch's splitter), `cmd /s /c "…"` on
+Windows (each argument quoted so that cmd's metacharacters stay literal). Both call nodekit
+from the virtual environment that the start task installs once per node, by absolute path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from nodekit import __version__
+from nodekit.batchenv import check_job_id
+from nodekit.errors import UnsafeInput, UsageError
+from nodekit.spec import ReleaseSettings, SourceKind, SourceSpec, split_named
+
+# Where the start task installs nodekit. A dot cannot occur in a Batch job id, so no job
+# folder (SHARED/JOB_ID) can ever be this folder, and release can never wipe it.
+VENV_LINUX = "$AZ_BATCH_NODE_SHARED_DIR/.nodekit/venv"
+VENV_WINDOWS = r"%AZ_BATCH_NODE_SHARED_DIR%\.nodekit\venv"
+RELEASE_MAX_S = 15 * 60
+PREP_MARGIN_S = 5 * 60  # maxWallClockTime = prep's own --timeout + this, so nodekit stops first, clearly
+_SECRET = re.compile(r"(?i)([?&]sig=|AccountKey=|SharedAccessSignature=|[?&]se=.*[?&]sp=)")
+_SECRET_NAMES = re.compile(r"(?i)(KEY|SECRET|PASSWORD|TOKEN|CONNECTION_STRING|SAS)")
+NO_RELEASE = ReleaseSettings()
+_WIN_SAFE = re.compile(r"^[A-Za-z0-9_./:=+@,-]+$")
+_BASH_SAFE = re.compile(r"^[A-Za-z0-9_./:=+@,%-]+$")
+_LINUX_SAFE_EXE = f'"{VENV_LINUX}/bin/nodekit"'
+_WIN_EXE = f'"{VENV_WINDOWS}\\Scripts\\nodekit.exe"'
+
+
+@dataclass(frozen=True)
+class Description:
+    """Everything the generator needs: the job's data (as in a description file) and how to run it."""
+
+    job_id: str
+    pool_id: str | None = None
+    sources: tuple[SourceSpec, ...] = ()
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    prep_timeout: float = 3600.0
+    concurrency: int | None = None
+    release: ReleaseSettings = NO_RELEASE
+    identity_client_id: str | None = None
+    os: str = "linux"
+    install: str = f"nodekit=={__version__}"
+    wheel_url: str | None = None
+    prep_retries: int = 2
+    release_max_wall_clock: float = RELEASE_MAX_S
+    retention: float | None = None
+    env: tuple[tuple[str, str], ...] = field(default=())
+
+
+def iso_duration(seconds: float) -> str:
+    """ISO 8601 duration as Batch writes it: PT1H5M, PT15M, P7D, PT90S."""
+    total = round(seconds)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    out = "P" + (f"{days}D" if days else "")
+    time = (f"{hours}H" if hours else "") + (f"{minutes}M" if minutes else "") + (f"{secs}S" if secs else "")
+    return out + ("T" + time if time else "") if (days or time) else "PT0S"
+
+
+def check(desc: Description) -> None:
+    """Refuse what Batch, prep or release would refuse, and any credential in what would be printed."""
+    if desc.os not in ("linux", "windows"):
+        raise UsageError(f"--os {desc.os!r}: use linux or windows.")
+    try:
+        check_job_id(desc.job_id)
+    except UnsafeInput as err:
+        raise UsageError(str(err).replace("refusing to use it as a folder name", "Batch would refuse it")) from None
+    if desc.pool_id is not None:
+        try:
+            check_job_id(desc.pool_id)
+        except UnsafeInput:
+            raise UsageError(f"pool id {desc.pool_id!r} is not a valid Batch id (letters, digits, '-' and '_', "
+                             "at most 64 characters).") from None
+    if not desc.sources:
+        raise UsageError("no source: give SOURCE arguments or a --spec with prep.sources.")
+    if desc.release.upload_to is None:
+        raise UsageError("no release destination: give --upload-to or release.upload_to in --spec.")
+    if desc.release.upload_to.kind is SourceKind.URL:
+        raise UsageError(f"--upload-to {desc.release.upload_to.display}: give a blob container URL or a folder.")
+    for s in desc.sources:
+        if s.filter.include or s.filter.exclude:
+            raise UsageError(f"source {s.display}: per-source include/exclude cannot be put on a command line "
+                             "yet; use the global --include/--exclude.")
+        if s.kind_given is not None:
+            raise UsageError(f"source {s.display}: an explicit source kind cannot be put on a command line yet.")
+    if desc.release_max_wall_clock > RELEASE_MAX_S:
+        raise UsageError(f"the release task's maxWallClockTime {iso_duration(desc.release_max_wall_clock)} is over "
+                         "Batch's 15 minutes (PT15M): Batch would refuse the job.")
+    deadline = desc.release.deadline or 12 * 60
+    if deadline >= desc.release_max_wall_clock:
+        raise UsageError(f"the release deadline ({iso_duration(deadline)}) must end before the release task's "
+                         f"maxWallClockTime ({iso_duration(desc.release_max_wall_clock)}), or Batch kills it first.")
+    if not 0 <= desc.prep_retries <= 100:
+        raise UsageError("--prep-retries must be from 0 to 100.")
+    for text in [s.raw for s in desc.sources] + [desc.release.upload_to.raw]:
+        if _SECRET.search(text):
+            raise UnsafeInput(
+                "a credential (SAS token or key) would be written into the command line, where anyone who can "
+                "read the job sees it: remove it and use --identity-client-id (a managed identity) or "
+                "AZURE_STORAGE_* variables that the pool provides.")
+    for name, _ in desc.env:
+        if _SECRET_NAMES.search(name):
+            raise UnsafeInput(f"--env {name}: it looks like a secret, and job settings are visible to anyone who "
+                              "can read the job; give the pool a managed identity instead.")
+
+
+def _named(source: SourceSpec) -> str:
+    """`NAME=SOURCE`, checked to split back the same way on the node."""
+    text = f"{source.name}={source.raw}"
+    if split_named(text) != (source.name, source.raw):
+        raise UsageError(f"source folder name {source.name!r} cannot be given on a command line (it holds '=', "
+                         "'/', '\\' or ':'): choose another NAME.")
+    return text
+
+
+def prep_args(desc: Description) -> list[str]:
+    """nodekit prep's arguments for `desc` (no program name)."""
+    args = ["prep"] + [_named(s) for s in desc.sources]
+    for g in desc.include:
+        args += ["--include", g]
+    for g in desc.exclude:
+        args += ["--exclude", g]
+    args += ["--timeout", f"{int(desc.prep_timeout)}"]
+    if desc.concurrency:
+        args += ["--concurrency", str(desc.concurrency)]
+    if desc.identity_client_id:
+        args += ["--identity-client-id", desc.identity_client_id]
+    return args
+
+
+def release_args(desc: Description) -> list[str]:
+    """nodekit release's arguments for `desc` (no program name)."""
+    r = desc.release
+    assert r.upload_to is not None
+    args = ["release", "--upload-to", r.upload_to.raw]
+    for g in r.logs:
+        args += ["--logs", g]
+    for g in r.dumps or ():
+        args += ["--dumps", g]
+    args += ["--deadline", f"{int(r.deadline or 12 * 60)}"]
+    if r.wipe_task_dirs:
+        args.append("--wipe-task-dirs")
+    if r.wipe_on_upload_failure:
+        args.append("--wipe-on-upload-failure")
+    if desc.identity_client_id:
+        args += ["--identity-client-id", desc.identity_client_id]
+    return args
+
+
+def linux_line(script: str) -> str:
+    """A Batch command line that runs `script` in bash (Batch splits it as a POSIX shell would)."""
+    return "/bin/bash -c " + shlex.quote(script)
+
+
+def bash_word(arg: str) -> str:
+    """One argument for bash: bare when plain, else in double quotes with \\ " $ ` escaped.
+
+    (Double rather than single quotes inside, so that the outer single-quoted layer stays readable.)
+    """
+    if arg and _BASH_SAFE.match(arg):
+        return arg
+    return '"' + re.sub(r'([\\"$`])', r"\\\1", arg) + '"'
+
+
+def linux_nodekit(args: list[str]) -> str:
+    return linux_line(f"exec {_LINUX_SAFE_EXE} " + " ".join(bash_word(a) for a in args))
+
+
+def windows_quote(arg: str) -> str:
+    """One argument for CommandLineToArgvW inside `cmd /s /c "…"`; UsageError if cmd cannot carry it."""
+    if '"' in arg:
+        raise UsageError(f"{arg!r} contains a double quote, which cannot pass through cmd safely on Windows.")
+    if re.search(r"%[^%\s]+%", arg):
+        raise UsageError(f"{arg!r} contains %NAME%, which cmd would expand on Windows: rename the path or value.")
+    if arg and _WIN_SAFE.match(arg):
+        return arg
+    trailing = len(arg) - len(arg.rstrip("\\"))
+    return '"' + arg + "\\" * trailing + '"'  # backslashes before the closing quote are doubled
+
+
+def windows_line(inner: str) -> str:
+    """A Batch command line that runs `inner` through cmd (/s: cmd strips exactly the outer quotes)."""
+    return f'cmd /s /c "{inner}"'
+
+
+def windows_nodekit(args: list[str]) -> str:
+    return windows_line(f"{_WIN_EXE} " + " ".join(windows_quote(a) for a in args))
+
+
+def command_lines(desc: Description) -> tuple[str, str]:
+    """(preparation command line, release command line) for desc.os; checks `desc` first."""
+    check(desc)
+    make = linux_nodekit if desc.os == "linux" else windows_nodekit
+    return make(prep_args(desc)), make(release_args(desc))
+
+
+def start_task(desc: Description, template: str | None = None) -> dict[str, Any]:
+    """The pool's startTask that installs nodekit into its own virtual environment, once per node."""
+    resource_files: list[dict[str, str]] = []
+    requirement = desc.install
+    if desc.wheel_url:
+        if _SECRET.search(desc.wheel_url):
+            raise UnsafeInput("--wheel-url carries a SAS token: the pool's definition is readable; use a "
+                              "managed identity (identityReference) or a public URL.")
+        wheel = desc.wheel_url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+        if not wheel.endswith(".whl"):
+            raise UsageError(f"--wheel-url must name a .whl file, not {wheel!r}.")
+        resource_files.append({"httpUrl": desc.wheel_url, "filePath": wheel})
+        requirement = wheel
+    if desc.os == "linux":
+        req = shlex.quote(requirement if not desc.wheel_url else f"./{requirement}")
+        script = (f'set -e; v="{VENV_LINUX}"; '
+                  'python3 -m venv "$v" || { apt-get update -qq && apt-get install -y -qq python3-venv '
+                  '&& python3 -m venv "$v"; }; '
+                  f'"$v/bin/python" -m pip install --disable-pip-version-check -q --upgrade {req}')
+        line = linux_line(script)
+    else:
+        req = windows_quote(requirement if not desc.wheel_url else f".\\{requirement}")
+        line = windows_line(f'python -m venv "{VENV_WINDOWS}" && "{VENV_WINDOWS}\\Scripts\\python.exe" -m pip '
+                            f"install --disable-pip-version-check -q --upgrade {req}")
+    text = template if template is not None else load_template(f"start-task-{desc.os}.json")
+    return _fill(text, {"command_line": line, "resource_files": resource_files}, "start task")
+
+
+def job_json(desc: Description, template: str | None = None) -> dict[str, Any]:
+    """The REST "Job - Add" body (for `az batch job create --json-file`) carrying both command lines."""
+    prep_line, release_line = command_lines(desc)
+    if desc.pool_id is None:
+        raise UsageError("--pool-id is needed for the job JSON.")
+    retention = iso_duration(desc.retention) if desc.retention else None
+    values = {
+        "job_id": desc.job_id,
+        "pool_id": desc.pool_id,
+        "prep_command_line": prep_line,
+        "release_command_line": release_line,
+        "prep_max_wall_clock": iso_duration(desc.prep_timeout + PREP_MARGIN_S),
+        "prep_max_task_retry_count": desc.prep_retries,
+        "release_max_wall_clock": iso_duration(desc.release_max_wall_clock),
+        "environment_settings": [{"name": k, "value": v} for k, v in desc.env],
+    }
+    text = template if template is not None else load_template(f"job-{desc.os}.json")
+    job = _fill(text, values, "job")
+    if retention:
+        for task in ("jobPreparationTask", "jobReleaseTask"):
+            if isinstance(job.get(task), dict):
+                holder = job[task].setdefault("constraints", {}) if task == "jobPreparationTask" else job[task]
+                holder["retentionTime"] = retention
+    return job
+
+
+def load_template(name: str) -> str:
+    """A template shipped in the package (nodekit/templates/)."""
+    return resources.files("nodekit").joinpath("templates", name).read_text(encoding="utf-8")
+
+
+def read_template(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise UsageError(f"cannot read template {path}: {err.strerror}.") from None
+
+
+def _fill(text: str, values: dict[str, Any], what: str) -> dict[str, Any]:
+    """Substitute `$name` placeholders with JSON values, then parse; UsageError if the result is not JSON."""
+    try:
+        filled = Template(text).substitute({k: json.dumps(v, ensure_ascii=False) for k, v in values.items()})
+    except (KeyError, ValueError) as err:
+        raise UsageError(f"the {what} template has an unknown or malformed placeholder: {err}.") from None
+    try:
+        data = json.loads(filled)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"the {what} template does not give valid JSON: {err.msg} at line {err.lineno}.") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"the {what} template must give a JSON object.")
+    return data
+
+
+
