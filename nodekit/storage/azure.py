@@ -22,7 +22,7 @@ from datetime import datetime, timedelta, timezone
 from urllib.parse import parse_qs, quote, unquote
 
 from nodekit.credentials import CredentialEnv, parse_connection_string
-from nodekit.errors import AccessDenied, NotFound, UsageError
+from nodekit.errors import AccessDenied, NotFound, SourceError, UsageError
 from nodekit.redact import display_url, register_secret
 from nodekit.spec import BlobLocation
 from nodekit.storage import RemoteFile, Sink
@@ -275,6 +275,25 @@ class AzureBlobStore:
 
     def _put_block(self, url: str, headers: dict[str, str], chunk: bytes, what: str) -> None:
         self.http.request("PUT", url, headers, what=what, body=chunk, credential_kind=self.credential_kind)
+
+
+def create_container(loc: BlobLocation, account_key: str, http: HttpClient) -> None:
+    """Create the container of `loc` (already there is fine), signed by an account SAS made from the key.
+
+    (A container SAS cannot create its own container.) Used by the demo to seed Azurite.
+    """
+    from azure.storage.blob import AccountSasPermissions, ResourceTypes, generate_account_sas
+
+    sas = generate_account_sas(loc.account, account_key, ResourceTypes(container=True),
+                               AccountSasPermissions(create=True, write=True),
+                               expiry=datetime.now(timezone.utc) + timedelta(minutes=10))
+    register_secret(sas)
+    try:
+        http.request("PUT", f"{loc.container_url}?restype=container&{sas}", {"x-ms-version": API_VERSION},
+                     what=f"creating container {loc.container}")
+    except SourceError as err:
+        if "409" not in str(err):
+            raise
 
 
 def _rename(f: RemoteFile, name: str) -> RemoteFile:
