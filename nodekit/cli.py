@@ -151,11 +151,14 @@ def cli(verbose: bool) -> None:
               help="Client id of the pool's user-assigned managed identity.")
 @click.option("--progress-interval", type=click.FloatRange(0, 3600), default=5.0, show_default=True,
               help="Seconds between progress lines (0: none).")
+@click.option("--read-timeout", type=click.FloatRange(0.1, 3600), default=60.0, show_default=True,
+              envvar="NODEKIT_READ_TIMEOUT", help="Seconds a connection may stay silent before it is retried.")
 @local_run_options
 def prep_command(sources: tuple[str, ...], spec_path: str | None, include: tuple[str, ...],
                  exclude: tuple[str, ...], dry_run: bool, timeout: float | None, report_path: Path | None,
                  dest: str | None, concurrency: int | None, identity_client_id: str | None,
-                 progress_interval: float, shared_dir: str | None, job_id: str | None) -> None:
+                 progress_interval: float, read_timeout: float, shared_dir: str | None,
+                 job_id: str | None) -> None:
     """Download a job's common input into the node's shared directory.
 
     Each SOURCE lands in its own folder of SHARED_DIR/JOB_ID: a blob container URL
@@ -179,6 +182,7 @@ def prep_command(sources: tuple[str, ...], spec_path: str | None, include: tuple
         dry_run=dry_run,
         report_path=report_path,
         progress_interval=progress_interval,
+        read_timeout=read_timeout,
     )
     env = BatchEnv.from_environ(os.environ).with_overrides(shared_dir=shared_dir, job_id=job_id or spec.job_id)
     creds = CredentialEnv.from_environ(os.environ, client_id=identity_client_id)

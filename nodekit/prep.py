@@ -59,6 +59,7 @@ class PrepOptions:
     dry_run: bool = False
     report_path: Path | None = None
     progress_interval: float = 5.0
+    read_timeout: float = 60.0
 
 
 @dataclass
@@ -169,7 +170,7 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
     shared, job_dir = job_folder(env, opts.dest)
     ensure_inside(shared, job_dir, what="the job folder", strict_child=True)
     ctx = RunContext(timeout=opts.timeout)
-    http = HttpClient(ctx, pool_size=opts.concurrency)
+    http = HttpClient(ctx, pool_size=opts.concurrency, read_timeout=opts.read_timeout)
     stores = [open_store(s, creds, http) for s in opts.sources]
     result = PrepResult(job_dir, [{"name": s.name, "source": st.display, "credential": st.credential_kind}
                                   for s, st in zip(opts.sources, stores, strict=False)], dry_run=opts.dry_run)

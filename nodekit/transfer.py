@@ -140,6 +140,9 @@ def _mtime_ns(last_modified: str) -> int | None:
 def _disk_error(err: OSError, path: Path) -> NodekitError:
     if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
         return LocalIOError(f"the disk is full while writing {path}: free space on the node and run again.")
+    if err.errno == errno.EFBIG:
+        return LocalIOError(f"the disk is full for this process while writing {path} (a file-size limit was "
+                            "reached): raise the limit or free space, and run again.")
     if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return LocalIOError(f"cannot write {path}: {err.strerror}; check the folder's permissions.")
     return LocalIOError(f"writing {path} failed: {err.strerror}.")
