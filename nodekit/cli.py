@@ -153,12 +153,16 @@ def cli(verbose: bool) -> None:
               help="Seconds between progress lines (0: none).")
 @click.option("--read-timeout", type=click.FloatRange(0.1, 3600), default=60.0, show_default=True,
               envvar="NODEKIT_READ_TIMEOUT", help="Seconds a connection may stay silent before it is retried.")
+@click.option("--no-cache", is_flag=True, default=None, envvar="NODEKIT_NO_CACHE",
+              help="Do not use or fill the node's cache (SHARED_DIR/.nodekit-cache) for this job.")
+@click.option("--cache-max-size", metavar="SIZE", envvar="NODEKIT_CACHE_MAX_SIZE",
+              help="The node cache's budget: 10G, 500M, or a share of the disk like 50% (the default).")
 @local_run_options
 def prep_command(sources: tuple[str, ...], spec_path: str | None, include: tuple[str, ...],
                  exclude: tuple[str, ...], dry_run: bool, timeout: float | None, report_path: Path | None,
                  dest: str | None, concurrency: int | None, identity_client_id: str | None,
-                 progress_interval: float, read_timeout: float, shared_dir: str | None,
-                 job_id: str | None) -> None:
+                 progress_interval: float, read_timeout: float, no_cache: bool | None,
+                 cache_max_size: str | None, shared_dir: str | None, job_id: str | None) -> None:
     """Download a job's common input into the node's shared directory.
 
     Each SOURCE lands in its own folder of SHARED_DIR/JOB_ID: a blob container URL
@@ -183,7 +187,12 @@ def prep_command(sources: tuple[str, ...], spec_path: str | None, include: tuple
         report_path=report_path,
         progress_interval=progress_interval,
         read_timeout=read_timeout,
+        cache=not (no_cache if no_cache is not None else not settings.cache),
+        cache_max_size=cache_max_size or settings.cache_max_size or "50%",
     )
+    from nodekit.cache import parse_budget
+
+    parse_budget(opts.cache_max_size)  # a bad budget is a usage error before anything happens
     env = BatchEnv.from_environ(os.environ).with_overrides(shared_dir=shared_dir, job_id=job_id or spec.job_id)
     creds = CredentialEnv.from_environ(os.environ, client_id=identity_client_id)
     result = run_prep(opts, env, creds, emit=click.echo)
@@ -205,6 +214,8 @@ def prep_command(sources: tuple[str, ...], spec_path: str | None, include: tuple
               help="Wipe even when the upload failed or did not finish (the retention policy first).")
 @click.option("--wipe-task-dirs", is_flag=True, default=None,
               help="Also delete the working folders of this job's tasks on this node.")
+@click.option("--purge-cache", is_flag=True, default=None,
+              help="Also delete the node's cache of inputs (SHARED_DIR/.nodekit-cache), for retention policies.")
 @click.option("--dry-run", is_flag=True, help="List what would be uploaded and deleted; change nothing.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), envvar="NODEKIT_REPORT",
               help="Write the JSON report here (default: nodekit-release.json in $AZ_BATCH_TASK_WORKING_DIR).")
@@ -216,8 +227,9 @@ def prep_command(sources: tuple[str, ...], spec_path: str | None, include: tuple
 @local_run_options
 def release_command(upload_to: str | None, spec_path: str | None, logs: tuple[str, ...], dumps: tuple[str, ...],
                     deadline: float | None, wipe_on_upload_failure: bool | None, wipe_task_dirs: bool | None,
-                    dry_run: bool, report_path: Path | None, identity_client_id: str | None, node_id: str | None,
-                    root_dir: str | None, shared_dir: str | None, job_id: str | None) -> None:
+                    purge_cache: bool | None, dry_run: bool, report_path: Path | None,
+                    identity_client_id: str | None, node_id: str | None, root_dir: str | None,
+                    shared_dir: str | None, job_id: str | None) -> None:
     """Keep the job's logs and crash dumps in blob storage, then wipe the job's data from the node.
 
     Uploads a logs archive and each dump (compressed) to URL/JOB_ID/NODE_ID/ with a manifest,
@@ -239,6 +251,7 @@ def release_command(upload_to: str | None, spec_path: str | None, logs: tuple[st
         wipe_on_upload_failure=bool(wipe_on_upload_failure if wipe_on_upload_failure is not None
                                     else rs.wipe_on_upload_failure),
         wipe_task_dirs=bool(wipe_task_dirs if wipe_task_dirs is not None else rs.wipe_task_dirs),
+        purge_cache=bool(purge_cache if purge_cache is not None else rs.purge_cache),
         dry_run=dry_run,
         report_path=report_path,
     )
@@ -272,6 +285,9 @@ def release_command(upload_to: str | None, spec_path: str | None, logs: tuple[st
               help="release --deadline; must end before the release task's maxWallClockTime. Default 12m.")
 @click.option("--wipe-task-dirs", is_flag=True, default=None, help="release --wipe-task-dirs.")
 @click.option("--wipe-on-upload-failure", is_flag=True, default=None, help="release --wipe-on-upload-failure.")
+@click.option("--purge-cache", is_flag=True, default=None, help="release --purge-cache.")
+@click.option("--no-cache", is_flag=True, default=None, help="prep --no-cache.")
+@click.option("--cache-max-size", metavar="SIZE", help="prep --cache-max-size.")
 @click.option("--identity-client-id", metavar="ID",
               help="The pool's user-assigned managed identity: how prep and release authenticate.")
 @click.option("--install", metavar="REQUIREMENT", default=None,
@@ -291,6 +307,7 @@ def cmdline_command(sources: tuple[str, ...], spec_path: str | None, target_os: 
                     job_id: str | None, pool_id: str | None, upload_to: str | None, include: tuple[str, ...],
                     exclude: tuple[str, ...], timeout: float | None, logs: tuple[str, ...], dumps: tuple[str, ...],
                     deadline: float | None, wipe_task_dirs: bool | None, wipe_on_upload_failure: bool | None,
+                    purge_cache: bool | None, no_cache: bool | None, cache_max_size: str | None,
                     identity_client_id: str | None, install: str | None, wheel_url: str | None,
                     template_path: str | None, prep_retries: int, release_max_wall_clock: float | None,
                     retention: float | None, env_pairs: tuple[str, ...]) -> None:
@@ -321,7 +338,8 @@ def cmdline_command(sources: tuple[str, ...], spec_path: str | None, target_os: 
         logs=logs or rs.logs, dumps=dumps or rs.dumps, deadline=deadline or rs.deadline,
         wipe_task_dirs=wipe_task_dirs if wipe_task_dirs is not None else rs.wipe_task_dirs,
         wipe_on_upload_failure=(wipe_on_upload_failure if wipe_on_upload_failure is not None
-                                else rs.wipe_on_upload_failure))
+                                else rs.wipe_on_upload_failure),
+        purge_cache=purge_cache if purge_cache is not None else rs.purge_cache)
     pairs = []
     for pair in env_pairs:
         name, sep, value = pair.partition("=")
@@ -336,6 +354,8 @@ def cmdline_command(sources: tuple[str, ...], spec_path: str | None, target_os: 
         sources=sources_from_args(sources) if sources else spec.prep.sources,
         include=include or spec.prep.include, exclude=exclude or spec.prep.exclude,
         prep_timeout=timeout or spec.prep.timeout or 3600.0, concurrency=spec.prep.concurrency,
+        cache=not (no_cache if no_cache is not None else not spec.prep.cache),
+        cache_max_size=cache_max_size or spec.prep.cache_max_size,
         release=release, identity_client_id=identity_client_id, os=target_os,
         wheel_url=wheel_url, prep_retries=prep_retries, retention=retention, env=tuple(pairs),
         **({"install": install} if install else {}),

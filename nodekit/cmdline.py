@@ -63,6 +63,8 @@ class Description:
     release_max_wall_clock: float = RELEASE_MAX_S
     retention: float | None = None
     env: tuple[tuple[str, str], ...] = field(default=())
+    cache: bool = True
+    cache_max_size: str | None = None
 
 
 def iso_duration(seconds: float) -> str:
@@ -109,6 +111,10 @@ def check(desc: Description) -> None:
     if deadline >= desc.release_max_wall_clock:
         raise UsageError(f"the release deadline ({iso_duration(deadline)}) must end before the release task's "
                          f"maxWallClockTime ({iso_duration(desc.release_max_wall_clock)}), or Batch kills it first.")
+    if desc.cache_max_size:
+        from nodekit.cache import parse_budget
+
+        parse_budget(desc.cache_max_size)
     if not 0 <= desc.prep_retries <= 100:
         raise UsageError("--prep-retries must be from 0 to 100.")
     for text in [s.raw for s in desc.sources] + [desc.release.upload_to.raw]:
@@ -142,6 +148,10 @@ def prep_args(desc: Description) -> list[str]:
     args += ["--timeout", f"{int(desc.prep_timeout)}"]
     if desc.concurrency:
         args += ["--concurrency", str(desc.concurrency)]
+    if not desc.cache:
+        args.append("--no-cache")
+    elif desc.cache_max_size:
+        args += ["--cache-max-size", desc.cache_max_size]
     if desc.identity_client_id:
         args += ["--identity-client-id", desc.identity_client_id]
     return args
@@ -161,6 +171,8 @@ def release_args(desc: Description) -> list[str]:
         args.append("--wipe-task-dirs")
     if r.wipe_on_upload_failure:
         args.append("--wipe-on-upload-failure")
+    if r.purge_cache:
+        args.append("--purge-cache")
     if desc.identity_client_id:
         args += ["--identity-client-id", desc.identity_client_id]
     return args

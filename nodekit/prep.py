@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from nodekit.batchenv import BatchEnv, ensure_inside, job_folder
+from nodekit.cache import NodeCache, cache_key, parse_budget
+from nodekit.cache import describe as describe_cache
 from nodekit.credentials import CredentialEnv
 from nodekit.errors import LocalIOError, NodekitError, NotFound, UnsafeInput, UsageError
 from nodekit.names import STATE_DIR, GlobFilter, find_collisions, unsafe_reason
@@ -60,6 +62,8 @@ class PrepOptions:
     report_path: Path | None = None
     progress_interval: float = 5.0
     read_timeout: float = 60.0
+    cache: bool = True
+    cache_max_size: str = "50%"
 
 
 @dataclass
@@ -74,18 +78,22 @@ class PrepResult:
     dry_run: bool = False
     swept: int = 0
     error: str | None = None
+    cache: dict[str, Any] | None = None
 
     def count(self, action: Action) -> int:
         return sum(1 for f in self.files if f.action is action and not f.error)
 
+    def _got(self, cached: bool) -> list[PlannedFile]:
+        return [f for f in self.files if f.action is Action.DOWNLOAD and not f.error and f.md5 is not None
+                and f.cached is cached]
+
     @property
     def bytes_downloaded(self) -> int:
-        return sum(f.remote.size for f in self.files
-                   if f.action is Action.DOWNLOAD and f.remote and not f.error and f.md5 is not None)
+        return sum(f.remote.size for f in self._got(False) if f.remote)
 
     @property
     def downloaded(self) -> int:
-        return sum(1 for f in self.files if f.action is Action.DOWNLOAD and not f.error and f.md5 is not None)
+        return len(self._got(False))
 
     def report(self) -> dict[str, Any]:
         """The JSON report (no secrets: sources are shown without their query strings)."""
@@ -100,6 +108,9 @@ class PrepResult:
             "kept": self.count(Action.KEEP),
             "failed": sum(1 for f in self.files if f.error),
             "bytes_downloaded": 0 if self.dry_run else self.bytes_downloaded,
+            "from_cache": len(self._got(True)),
+            "bytes_from_cache": sum(f.remote.size for f in self._got(True) if f.remote),
+            "cache": self.cache,
             "retries": self.retries,
             "swept_partial_files": self.swept,
             "elapsed_s": round(self.elapsed, 3),
@@ -107,6 +118,7 @@ class PrepResult:
             "files": [
                 {"name": f.path, "action": f.action.value, "reason": f.reason,
                  "size": f.remote.size if f.remote else None, "verified": f.verified, "md5": f.md5,
+                 **({"from_cache": True} if f.cached else {}),
                  **({"error": f.error} if f.error else {})}
                 for f in self.files if f.action is not Action.FORGET
             ],
@@ -122,6 +134,10 @@ class PrepResult:
                 f"skipped {self.count(Action.SKIP)}, {'would remove' if self.dry_run else 'removed'} "
                 f"{self.count(Action.REMOVE)}, kept {self.count(Action.KEEP)} in {self.job_dir} "
                 f"in {self.elapsed:.2f} s, {self.retries} retries")
+        cached = self._got(True)
+        if cached:
+            size = sum(f.remote.size for f in cached if f.remote)
+            text += f"; {len(cached)} from the node's cache ({human_bytes(size)})"
         if unverified and not self.dry_run:
             text += f"; {unverified} without a source checksum (MD5 recorded)"
         return text
@@ -211,16 +227,24 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
             elif f.action is Action.KEEP and f.path in records:
                 log.info("kept %s (%s)", f.path, f.reason)
         to_get = [f for f in result.files if f.action is Action.DOWNLOAD]
-        _check_space(job_dir, to_get)
+        cache = _open_cache(opts, shared) if to_get else None
+        keys = {f.path: cache_key(stores[f.source or 0].display, f.remote) for f in to_get if f.remote} \
+            if cache else {}
         errors: list[NodekitError] = []
         downloader = None
         try:
             remove_placed(job_dir, [f for f in result.files if f.action in (Action.REMOVE, Action.FORGET)], state)
-            total = sum(f.remote.size for f in to_get if f.remote)
-            progress = Progress(len(to_get), total, emit, opts.progress_interval)
+            progress = Progress(len(to_get), sum(f.remote.size for f in to_get if f.remote), emit,
+                                opts.progress_interval)
             downloader = Downloader(job_dir, stores, ctx, state, opts.concurrency, progress)
+            if cache is not None:
+                to_get = [f for f in to_get if not _from_cache(cache, downloader, f, keys[f.path])]
+            _check_space(job_dir, to_get)
             with progress:
                 errors = downloader.run(to_get)
+            if cache is not None:
+                _fill_cache(cache, job_dir, to_get, keys)
+                result.cache = describe_cache(cache)
         finally:
             for f in result.files:
                 if f.action in (Action.REMOVE, Action.FORGET):
@@ -237,6 +261,35 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
             raise errors[0]
     _write_report(result, opts, env)
     return result
+
+
+def _open_cache(opts: PrepOptions, shared: Path) -> NodeCache | None:
+    """The node's cache, opened and repaired; None with --no-cache or when it cannot be used."""
+    if not opts.cache:
+        return None
+    max_bytes, share = parse_budget(opts.cache_max_size)
+    cache = NodeCache(shared, max_bytes, share)
+    try:
+        cache.open()
+    except OSError as err:
+        log.warning("cache: not used (%s)", err.strerror)
+        return None
+    return cache
+
+
+def _from_cache(cache: NodeCache, downloader: Downloader, item: PlannedFile, key: str) -> bool:
+    hit = cache.lookup(key)
+    return hit is not None and downloader.place_cached(item, hit.path, hit.md5, hit.verified)
+
+
+def _fill_cache(cache: NodeCache, job_dir: Path, downloaded: list[PlannedFile], keys: dict[str, str]) -> None:
+    """Add what was just downloaded and verified to the cache, then keep it within its budget."""
+    try:
+        with cache.lock():
+            cache.fill([(keys[f.path], job_dir.joinpath(*f.path.split("/")), f.md5, bool(f.verified))
+                        for f in downloaded if f.md5 is not None and not f.error])
+    except OSError as err:
+        log.warning("cache: not filled (%s)", err.strerror)
 
 
 def _check_space(job_dir: Path, to_get: list[PlannedFile]) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from nodekit.batchenv import BatchEnv, check_job_id, ensure_inside, shared_root
+from nodekit.cache import CACHE_DIR
 from nodekit.credentials import CredentialEnv
 from nodekit.errors import ExitCode, NodekitError, TransientError, UnsafeInput
 from nodekit.names import glob_match, unsafe_reason
@@ -59,6 +60,7 @@ class ReleaseOptions:
     deadline: float = DEFAULT_DEADLINE_S
     wipe_on_upload_failure: bool = False
     wipe_task_dirs: bool = False
+    purge_cache: bool = False
     dry_run: bool = False
     report_path: Path | None = None
 
@@ -218,17 +220,20 @@ def collect(places: JobPlaces, log_globs: tuple[str, ...], dump_globs: tuple[str
     return logs, dumps
 
 
-def wipe_targets(places: JobPlaces, with_task_dirs: bool) -> list[Path]:
-    """What the wipe deletes: the job's shared folder and, when asked, its tasks' working folders."""
+def wipe_targets(places: JobPlaces, with_task_dirs: bool, purge_cache: bool = False) -> list[Path]:
+    """What the wipe deletes: the job's shared folder and, when asked, its tasks' working folders
+    and the node's cache of inputs."""
     targets = [places.job_dir]
     if with_task_dirs:
         targets += [t / "wd" for t in task_dirs(places)]
+    if purge_cache:
+        targets.append(places.shared / CACHE_DIR)
     return targets
 
 
 def _guard(places: JobPlaces, target: Path) -> None:
     """UnsafeInput unless `target` lies inside the job's folders and does not hold our own task folder."""
-    base = places.shared if target == places.job_dir else places.work
+    base = places.shared if target in (places.job_dir, places.shared / CACHE_DIR) else places.work
     parent = ensure_inside(base, target.parent, what="a wipe target's folder")
     real = parent / target.name
     if real == base:
@@ -391,7 +396,7 @@ def run_release(opts: ReleaseOptions, env: BatchEnv, creds: CredentialEnv,
     ctx = RunContext(timeout=max(1.0, opts.deadline - reserve))
     prefix = f"{places.job_id}/{places.node_id}"
     logs, dumps = collect(places, opts.logs, opts.dumps)
-    targets = wipe_targets(places, opts.wipe_task_dirs)
+    targets = wipe_targets(places, opts.wipe_task_dirs, opts.purge_cache)
     for t in targets:
         _guard(places, t)
     result = ReleaseResult(prefix=f"{opts.upload_to.display}/{prefix}", dry_run=opts.dry_run, logs=logs, dumps=dumps)

@@ -253,6 +253,8 @@ class PrepSettings:
     timeout: float | None = None
     dest: str | None = None
     concurrency: int | None = None
+    cache: bool = True
+    cache_max_size: str | None = None
 
 
 @dataclass(frozen=True)
@@ -265,6 +267,7 @@ class ReleaseSettings:
     deadline: float | None = None
     wipe_on_upload_failure: bool | None = None
     wipe_task_dirs: bool | None = None
+    purge_cache: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -278,9 +281,10 @@ class Spec:
 
 
 _TOP_KEYS = {"nodekit", "job_id", "pool_id", "prep", "release"}
-_PREP_KEYS = {"sources", "include", "exclude", "timeout", "dest", "concurrency"}
+_PREP_KEYS = {"sources", "include", "exclude", "timeout", "dest", "concurrency", "cache", "cache_max_size"}
 _SOURCE_KEYS = {"url", "name", "kind", "include", "exclude"}
-_RELEASE_KEYS = {"upload_to", "logs", "dumps", "deadline", "wipe_on_upload_failure", "wipe_task_dirs"}
+_RELEASE_KEYS = {"upload_to", "logs", "dumps", "deadline", "wipe_on_upload_failure", "wipe_task_dirs",
+                 "purge_cache"}
 RELEASE_MAX_DEADLINE_S = 15 * 60.0
 
 
@@ -336,7 +340,13 @@ def parse_spec(data: Any, *, origin: str = "description") -> Spec:
     dest = prep_data.get("dest")
     if dest is not None and not isinstance(dest, str):
         raise UsageError(f"{origin}: prep.dest must be a string.")
+    if not isinstance(prep_data.get("cache", True), bool):
+        raise UsageError(f"{origin}: prep.cache must be true or false.")
+    if prep_data.get("cache_max_size") is not None and not isinstance(prep_data["cache_max_size"], str):
+        raise UsageError(f"{origin}: prep.cache_max_size must be a string like \"10G\" or \"50%\".")
     prep = PrepSettings(
+        cache=prep_data.get("cache", True),
+        cache_max_size=prep_data.get("cache_max_size"),
         sources=tuple(sources),
         include=_strings(prep_data.get("include", []), f"{origin} prep.include"),
         exclude=_strings(prep_data.get("exclude", []), f"{origin} prep.exclude"),
@@ -355,7 +365,7 @@ def _parse_release(data: Any, origin: str) -> ReleaseSettings:
     if not isinstance(data, dict):
         raise UsageError(f"{origin}: 'release' must be an object.")
     _check_keys(data, _RELEASE_KEYS, f"{origin} release")
-    for key in ("wipe_on_upload_failure", "wipe_task_dirs"):
+    for key in ("wipe_on_upload_failure", "wipe_task_dirs", "purge_cache"):
         if data.get(key) is not None and not isinstance(data[key], bool):
             raise UsageError(f"{origin}: release.{key} must be true or false.")
     upload_to = data.get("upload_to")
@@ -370,6 +380,7 @@ def _parse_release(data: Any, origin: str) -> ReleaseSettings:
                                                                 maximum=RELEASE_MAX_DEADLINE_S),
         wipe_on_upload_failure=data.get("wipe_on_upload_failure"),
         wipe_task_dirs=data.get("wipe_task_dirs"),
+        purge_cache=data.get("purge_cache"),
     )
 
 

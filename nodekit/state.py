@@ -125,8 +125,8 @@ class StateStore:
 class JobLock:
     """An exclusive lock on a job folder, held by an open file (released by the OS if the process dies)."""
 
-    def __init__(self, job_dir: Path, timeout: float) -> None:
-        self.path = job_dir / STATE_DIR / LOCK_FILE
+    def __init__(self, job_dir: Path, timeout: float, name: str | None = None) -> None:
+        self.path = job_dir / name if name else job_dir / STATE_DIR / LOCK_FILE
         self.timeout = timeout
         self._fh: Any = None
         self.waited = 0.0

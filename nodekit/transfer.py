@@ -103,6 +103,7 @@ class PlannedFile:
     verified: bool | None = None
     md5: str | None = None
     error: str | None = None
+    cached: bool = False  # placed from the node's cache instead of downloaded
 
 
 def plan(
@@ -330,7 +331,8 @@ class Downloader:
                 f.result()
         return errors
 
-    def _record(self, item: PlannedFile, final: Path, md5: str, verified: bool) -> None:
+    def _record(self, item: PlannedFile, final: Path, md5: str, verified: bool, cached: bool = False) -> None:
+        item.cached = cached
         remote = item.remote
         assert remote is not None
         st = os.lstat(final)
@@ -341,8 +343,33 @@ class Downloader:
             self.placed[item.path] = record
         item.md5, item.verified = md5, verified
         self.progress.file_done()
-        log.debug("downloaded %s (%s, %s)", item.path, human_bytes(remote.size),
+        log.debug("%s %s (%s, %s)", "from the cache" if item.cached else "downloaded", item.path,
+                  human_bytes(remote.size),
                  "verified" if verified else "unverified: the source has no checksum; MD5 recorded")
+
+    def place_cached(self, item: PlannedFile, obj: Path, md5: str, verified: bool) -> bool:
+        """Put the cached object `obj` in place of `item` (a hard link, else a copy); False if it cannot."""
+        final = self._final(item.path)
+        self._ensure_parent(final)
+        tmp = final.with_name("." + final.name + PARTIAL_SUFFIX)
+        try:
+            if _same_file(obj, final):  # a killed run placed this very object but did not record it
+                self._record(item, final, md5, verified, cached=True)
+                return True
+            try:
+                os.link(obj, tmp)
+            except OSError:
+                import shutil
+
+                shutil.copy2(obj, tmp)  # another file system: a copy, as the last resort
+            os.replace(tmp, final)
+            _unlink_quietly(tmp)  # rename(2) of two links to one inode succeeds and does nothing
+        except OSError as err:
+            _unlink_quietly(tmp)
+            log.warning("cache: could not place %s from the cache (%s): downloading it", item.path, err.strerror)
+            return False
+        self._record(item, final, md5, verified, cached=True)
+        return True
 
     def _check(self, item: PlannedFile, got_size: int, digest: bytes) -> tuple[str, bool]:
         """(md5 base64, verified) or IntegrityError."""
@@ -496,6 +523,15 @@ class Downloader:
 
 class _Abandoned(Exception):
     """A range stops early because its file already failed or the run is stopping."""
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """True if `b` is a regular file that is the same inode as `a` (hard links of one file)."""
+    try:
+        sa, sb = os.lstat(a), os.lstat(b)
+    except OSError:
+        return False
+    return stat.S_ISREG(sb.st_mode) and (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def _unlink_quietly(path: Path) -> None:

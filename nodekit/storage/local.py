@@ -28,7 +28,7 @@ class LocalStore:
 
     def __init__(self, path: str) -> None:
         self.root = Path(path).expanduser()
-        self.display = str(self.root)
+        self.display = os.path.abspath(self.root)  # one identity however the path was written
         self._single: str | None = None
 
     def _path(self, name: str) -> Path:
