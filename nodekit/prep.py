@@ -8,7 +8,6 @@ NodekitError subclasses (see errors.py) and changes nothing when its input is re
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -24,6 +23,7 @@ from nodekit.cache import describe as describe_cache
 from nodekit.credentials import CredentialEnv
 from nodekit.errors import LocalIOError, NodekitError, NotFound, UnsafeInput, UsageError
 from nodekit.names import STATE_DIR, GlobFilter, find_collisions, unsafe_reason
+from nodekit.report import report_path, write_report
 from nodekit.spec import SourceSpec
 from nodekit.state import JobLock, StateStore
 from nodekit.storage import RemoteFile, RunContext, Store
@@ -303,22 +303,5 @@ def _check_space(job_dir: Path, to_get: list[PlannedFile]) -> None:
                            f"under {job_dir}: free space or use a larger disk.")
 
 
-def report_path(opts: PrepOptions, env: BatchEnv) -> Path | None:
-    """--report, else nodekit-prep.json in the task's working folder on a Batch node, else none."""
-    if opts.report_path is not None:
-        return opts.report_path
-    if env.task_working_dir:
-        return Path(env.task_working_dir) / "nodekit-prep.json"
-    return None
-
-
 def _write_report(result: PrepResult, opts: PrepOptions, env: BatchEnv) -> None:
-    path = report_path(opts, env)
-    if path is None:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(result.report(), indent=2, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as err:
-        log.warning("could not write the report %s: %s", path, err.strerror)
+    write_report(result.report(), report_path(opts.report_path, env, "nodekit-prep.json"))

@@ -31,6 +31,7 @@ from nodekit.cache import CACHE_DIR
 from nodekit.credentials import CredentialEnv
 from nodekit.errors import ExitCode, NodekitError, TransientError, UnsafeInput
 from nodekit.names import glob_match, unsafe_reason
+from nodekit.report import report_path, write_report
 from nodekit.spec import SourceSpec
 from nodekit.storage import CHUNK, RunContext, WritableStore
 from nodekit.storage.factory import open_destination
@@ -485,12 +486,4 @@ class _KeptAll(NodekitError):
 
 
 def _write_report(result: ReleaseResult, opts: ReleaseOptions, env: BatchEnv) -> None:
-    path = opts.report_path or (Path(env.task_working_dir) / "nodekit-release.json" if env.task_working_dir else None)
-    if path is None:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(result.report(), indent=2, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as err:
-        log.warning("could not write the report %s: %s", path, err.strerror)
+    write_report(result.report(), report_path(opts.report_path, env, "nodekit-release.json"))
