@@ -67,7 +67,6 @@ class Hit:
     path: Path
     md5: str
     verified: bool
-    size: int
 
 
 class NodeCache:
@@ -135,7 +134,7 @@ class NodeCache:
             os.utime(meta_path)  # last use, for least-recently-used eviction
         except OSError:
             pass
-        return Hit(obj, str(meta.get("md5")), bool(meta.get("verified")), st.st_size)
+        return Hit(obj, str(meta.get("md5")), bool(meta.get("verified")))
 
     # -- writing --------------------------------------------------------------------------------
     def fill(self, files: list[tuple[str, Path, str, bool]]) -> None:

@@ -25,7 +25,7 @@ from nodekit.errors import LocalIOError, NodekitError, NotFound, UnsafeInput, Us
 from nodekit.names import STATE_DIR, GlobFilter, find_collisions, unsafe_reason
 from nodekit.report import report_path, write_report
 from nodekit.spec import SourceSpec
-from nodekit.state import JobLock, StateStore
+from nodekit.state import STATE_FILE, JobLock, StateStore
 from nodekit.storage import RemoteFile, RunContext, Store
 from nodekit.storage.factory import open_store
 from nodekit.storage.http import HttpClient
@@ -186,7 +186,7 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
     shared, job_dir = job_folder(env, opts.dest)
     ensure_inside(shared, job_dir, what="the job folder", strict_child=True)
     ctx = RunContext(timeout=opts.timeout)
-    http = HttpClient(ctx, pool_size=opts.concurrency, read_timeout=opts.read_timeout)
+    http = HttpClient(ctx, read_timeout=opts.read_timeout)
     stores = [open_store(s, creds, http) for s in opts.sources]
     result = PrepResult(job_dir, [{"name": s.name, "source": st.display, "credential": st.credential_kind}
                                   for s, st in zip(opts.sources, stores, strict=False)], dry_run=opts.dry_run)
@@ -215,7 +215,7 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
             log.info("waited %.1f s for another nodekit run on this job to finish", lock.waited)
         records = state.load()
         marker = job_dir / STATE_DIR / RUNNING_MARKER
-        if marker.exists() or not (job_dir / STATE_DIR / "state.json").exists():  # the last run did not finish
+        if marker.exists() or not (job_dir / STATE_DIR / STATE_FILE).exists():  # the last run did not finish
             result.swept = sweep_partials(job_dir)
             if result.swept:
                 log.info("removed %d partial file(s) left by an interrupted run", result.swept)

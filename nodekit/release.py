@@ -316,7 +316,6 @@ class _Uploader:
         self.store = store
         self.prefix = prefix
         self.result = result
-        self.places = places
         self.manifest: dict[str, Any] = {"job_id": places.job_id, "node_id": places.node_id, "complete": False,
                                          "objects": {}}
         old = store.read_small(f"{prefix}/{MANIFEST}")
@@ -413,7 +412,7 @@ def run_release(opts: ReleaseOptions, env: BatchEnv, creds: CredentialEnv,
         result.elapsed = time.monotonic() - started
         return result
 
-    http = HttpClient(ctx, pool_size=8)
+    http = HttpClient(ctx)
     failure: NodekitError | None = None
     try:
         store = open_destination(opts.upload_to, creds, http)

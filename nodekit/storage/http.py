@@ -102,7 +102,7 @@ def describe_status(resp: Response, body: bytes) -> str:
 class HttpClient:
     """HTTP with retries; safe to share between threads (each thread has its own connections)."""
 
-    def __init__(self, ctx: RunContext, pool_size: int = 0, *, read_timeout: float = 60.0) -> None:
+    def __init__(self, ctx: RunContext, *, read_timeout: float = 60.0) -> None:
         self.ctx = ctx
         self.read_timeout = read_timeout
         self._local = threading.local()
