@@ -255,7 +255,7 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
         result.retries, result.elapsed = ctx.retries, time.monotonic() - ctx.started
         if not errors:
             marker.unlink()  # finished: no partial file can be left behind
-        if errors:
+        else:
             result.error = str(errors[0])
             _write_report(result, opts, env)
             raise errors[0]

@@ -432,6 +432,11 @@ def run_release(opts: ReleaseOptions, env: BatchEnv, creds: CredentialEnv,
                 finally:
                     archive.unlink(missing_ok=True)
         rate = [float(ASSUMED_RATE)]
+
+        def skip(c: Collected, name: str, why: str) -> None:
+            result.skipped.append({"name": name, "path": str(c.path), "why": why})
+            log.warning("skipped %s: %s", c.path, why)
+
         for c in sorted(dumps, key=lambda d: d.size):
             name = f"dumps/{c.name}.gz"
             source = {"path": c.name, "size": c.size, "mtime_ns": c.mtime_ns}
@@ -439,17 +444,13 @@ def run_release(opts: ReleaseOptions, env: BatchEnv, creds: CredentialEnv,
                 continue
             left = stop_at - time.monotonic()
             if c.size / rate[0] > left:
-                why = (f"would take about {c.size / rate[0]:.0f} s at {human_bytes(rate[0])}/s; "
-                       f"{max(left, 0):.0f} s were left before the wipe's reserve")
-                result.skipped.append({"name": name, "path": str(c.path), "why": why})
-                log.warning("skipped %s: %s", c.path, why)
+                skip(c, name, f"would take about {c.size / rate[0]:.0f} s at {human_bytes(rate[0])}/s; "
+                              f"{max(left, 0):.0f} s were left before the wipe's reserve")
                 continue
             try:
                 up.put(up.free_name(name), _gzip_blocks(c.path, stop_at, rate), source, "dump")
             except _Deadline:
-                why = "the deadline came during its upload (the partial upload is not visible)"
-                result.skipped.append({"name": name, "path": str(c.path), "why": why})
-                log.warning("skipped %s: %s", c.path, why)
+                skip(c, name, "the deadline came during its upload (the partial upload is not visible)")
         up.write_manifest(complete=not result.skipped)
     except NodekitError as err:
         failure = err
