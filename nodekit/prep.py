@@ -236,7 +236,7 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
             remove_placed(job_dir, [f for f in result.files if f.action in (Action.REMOVE, Action.FORGET)], state)
             progress = Progress(len(to_get), sum(f.remote.size for f in to_get if f.remote), emit,
                                 opts.progress_interval)
-            downloader = Downloader(job_dir, stores, ctx, state, opts.concurrency, progress)
+            downloader = Downloader(job_dir, stores, ctx, state, opts.concurrency, progress, opts.read_timeout)
             if cache is not None:
                 to_get = [f for f in to_get if not _from_cache(cache, downloader, f, keys[f.path])]
             _check_space(job_dir, to_get)

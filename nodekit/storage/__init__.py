@@ -76,21 +76,24 @@ class RunContext:
     def retries(self) -> int:
         return self._retries
 
-    def backoff(self, attempt: int, what: str, last_error: str, retry_after: float | None = None) -> None:
-        """Count a retry and sleep before it: Retry-After (jittered up to twice) when the server gave one,
-        else exponential backoff with full jitter.
-
-        Raises TransientError instead when the sleep would pass the deadline or the run is stopping.
-        """
+    def retry_delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Count a retry and return the seconds to wait before it (see `backoff`)."""
         with self._lock:
             self._retries += 1
         if retry_after is not None:
             # The server said when to come back: believe it, spread over up to twice that, so that
             # many clients throttled at once do not return in lockstep (and none waits far longer).
             wait = min(max(retry_after, 0.1), 60.0)
-            delay = random.uniform(wait, 2 * wait)
-        else:
-            delay = random.uniform(0, min(30.0, 0.2 * (2 ** min(attempt, 10))))  # exponential, full jitter
+            return random.uniform(wait, 2 * wait)
+        return random.uniform(0, min(30.0, 0.2 * (2 ** min(attempt, 10))))  # exponential, full jitter
+
+    def backoff(self, attempt: int, what: str, last_error: str, retry_after: float | None = None) -> None:
+        """Count a retry and sleep before it: Retry-After (jittered up to twice) when the server gave one,
+        else exponential backoff with full jitter.
+
+        Raises TransientError instead when the sleep would pass the deadline or the run is stopping.
+        """
+        delay = self.retry_delay(attempt, retry_after)
         if self.stop.is_set() or delay >= self.remaining():
             raise TransientError(
                 f"{what}: gave up after {attempt} retries within the {self.timeout:g} s timeout "

@@ -17,7 +17,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import datetime, timedelta, timezone
 from urllib.parse import parse_qs, quote, unquote
 
@@ -35,6 +35,9 @@ DEV_ACCOUNT = "devstoreaccount1"
 # The published key of the storage emulator (Azurite); not a secret.
 DEV_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 _STORAGE_SCOPE = "https://storage.azure.com/.default"
+FANOUT_DEPTH = 2  # folders this deep below the source's root are listed flat
+FANOUT_MAX = 64  # a folder with more sub-folders than this is listed flat
+LIST_WORKERS = 16
 
 
 class BlobAuth:
@@ -166,37 +169,75 @@ class AzureBlobStore:
     def _headers(self) -> dict[str, str]:
         return {"x-ms-version": API_VERSION, **self.auth.headers()}
 
+    def _page(self, prefix: str, marker: str, delimiter: str) -> tuple[list[tuple[str, RemoteFile]], list[str], str]:
+        """One page of a listing: (blobs, sub-prefixes when `delimiter` is given, next marker or '')."""
+        params = f"restype=container&comp=list&maxresults=5000&prefix={quote(prefix, safe='')}"
+        if delimiter:
+            params += f"&delimiter={quote(delimiter, safe='')}"
+        if marker:
+            params += f"&marker={quote(marker, safe='')}"
+        resp = self.http.request("GET", self._url("", params), self._headers(),
+                                 what=f"listing {self.display}", credential_kind=self.credential_kind)
+        root = ET.fromstring(resp.data)
+        found: list[tuple[str, RemoteFile]] = []
+        for blob in root.iter("Blob"):
+            name = _name(blob)
+            props = blob.find("Properties")
+            if name is None or props is None:
+                continue
+            found.append((name, RemoteFile(
+                name=name,
+                size=int(props.findtext("Content-Length") or 0),
+                etag=(props.findtext("Etag") or "").strip('"'),
+                last_modified=props.findtext("Last-Modified") or "",
+                content_md5=props.findtext("Content-MD5") or None,
+            )))
+        prefixes = [p for p in (_name(el) for el in root.iter("BlobPrefix")) if p]
+        return found, prefixes, root.findtext("NextMarker") or ""
+
     def _list(self, prefix: str) -> list[tuple[str, RemoteFile]]:
+        """Every blob under `prefix`, one page after another."""
         found: list[tuple[str, RemoteFile]] = []
         marker = ""
         while True:
-            params = f"restype=container&comp=list&maxresults=5000&prefix={quote(prefix, safe='')}"
-            if marker:
-                params += f"&marker={quote(marker, safe='')}"
-            resp = self.http.request("GET", self._url("", params), self._headers(),
-                                     what=f"listing {self.display}", credential_kind=self.credential_kind)
-            root = ET.fromstring(resp.data)
-            for blob in root.iter("Blob"):
-                name_el = blob.find("Name")
-                props = blob.find("Properties")
-                if name_el is None or props is None or name_el.text is None:
-                    continue
-                name = unquote(name_el.text) if name_el.get("Encoded") == "true" else name_el.text
-                md5 = props.findtext("Content-MD5") or None
-                found.append((name, RemoteFile(
-                    name=name,
-                    size=int(props.findtext("Content-Length") or 0),
-                    etag=(props.findtext("Etag") or "").strip('"'),
-                    last_modified=props.findtext("Last-Modified") or "",
-                    content_md5=md5,
-                )))
-            marker = root.findtext("NextMarker") or ""
+            page, _, marker = self._page(prefix, marker, "")
+            found += page
             if not marker:
                 return found
 
+    def _visit(self, prefix: str, depth: int) -> tuple[list[tuple[str, RemoteFile]], list[str]]:
+        """The blobs directly in the folder `prefix` and its sub-folders; deep or crowded folders whole."""
+        if depth >= FANOUT_DEPTH:
+            return self._list(prefix), []
+        blobs, prefixes, marker = self._page(prefix, "", "/")
+        if marker or len(prefixes) > FANOUT_MAX:
+            return self._list(prefix), []
+        return blobs, prefixes
+
+    def _walk(self, base: str) -> list[tuple[str, RemoteFile]]:
+        """Every blob under `base`, its top folders listed in parallel.
+
+        A flat listing is one page of 5,000 after another; listing the first levels of folders
+        side by side lets the parsing of one overlap the service's work on the next (and uses
+        more than one server on Azure). Folders with over FANOUT_MAX sub-folders, more than one
+        page of entries, or below FANOUT_DEPTH are listed flat, which bounds the request count.
+        """
+        found: list[tuple[str, RemoteFile]] = []
+        with ThreadPoolExecutor(max_workers=LIST_WORKERS, thread_name_prefix="nodekit-list") as pool:
+            pending = {pool.submit(self._visit, base, 0): 0}
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    depth = pending.pop(fut)
+                    blobs, prefixes = fut.result()
+                    found += blobs
+                    for p in prefixes:
+                        pending[pool.submit(self._visit, p, depth + 1)] = depth + 1
+        return found
+
     def list_files(self) -> list[RemoteFile]:
         """Blobs under the prefix, names relative to it; if the prefix is one blob, that blob."""
-        files = [_rename(f, name[len(self._base):]) for name, f in self._list(self._base)]
+        files = [_rename(f, name[len(self._base):]) for name, f in self._walk(self._base)]
         if not files and self.loc.prefix:
             for name, f in self._list(self.loc.prefix):
                 if name == self.loc.prefix:
@@ -207,11 +248,15 @@ class AzureBlobStore:
     def supports_ranges(self, file: RemoteFile) -> bool:
         return True
 
-    def fetch(self, file: RemoteFile, start: int, length: int, sink: Sink) -> None:
-        url = self._url("/" + quote(self._base + file.name, safe="/~"))
+    def get_request(self, file: RemoteFile) -> tuple[str, dict[str, str]]:
+        """The URL (with the SAS, if any: never log it) and headers of a GET of `file`, pinned to its ETag."""
         headers = self._headers()
         if file.etag:
             headers["If-Match"] = f'"{file.etag}"'
+        return self._url("/" + quote(self._base + file.name, safe="/~")), headers
+
+    def fetch(self, file: RemoteFile, start: int, length: int, sink: Sink) -> None:
+        url, headers = self.get_request(file)
         stream_body(self.http, url, headers, start, length, sink,
                     what=f"reading {self.display}/{file.name}", credential_kind=self.credential_kind)
 
@@ -294,6 +339,14 @@ def create_container(loc: BlobLocation, account_key: str, http: HttpClient) -> N
     except SourceError as err:
         if "409" not in str(err):
             raise
+
+
+def _name(el: ET.Element) -> str | None:
+    """The Name of a listed Blob or BlobPrefix, decoded if the service encoded it."""
+    name_el = el.find("Name")
+    if name_el is None or name_el.text is None:
+        return None
+    return unquote(name_el.text) if name_el.get("Encoded") == "true" else name_el.text
 
 
 def _rename(f: RemoteFile, name: str) -> RemoteFile:
