@@ -201,6 +201,7 @@ def bench_dataset(ds: Dataset, server: object, scratch: Path, tools: list[str], 
             dest = scratch / f"dest-{tool}"
             shutil.rmtree(dest, ignore_errors=True)
             (dest / "data").mkdir(parents=True)
+            shutil.rmtree(scratch / ".nodekit-cache", ignore_errors=True)  # cold means a new node: no cache
             for phase in ("cold", "warm"):
                 cmd, env = commands[tool](dest, phase == "warm")
                 wall, rss, _ = run(cmd, env)
