@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ class Hit:
     """A valid cached object: where it is and what was recorded when it was verified."""
 
     path: Path
-    md5: str
+    md5: str | None
     verified: bool
 
 
@@ -134,10 +135,11 @@ class NodeCache:
             os.utime(meta_path)  # last use, for least-recently-used eviction
         except OSError:
             pass
-        return Hit(obj, str(meta.get("md5")), bool(meta.get("verified")))
+        md5 = meta.get("md5")
+        return Hit(obj, md5 if isinstance(md5, str) else None, bool(meta.get("verified")))
 
     # -- writing --------------------------------------------------------------------------------
-    def fill(self, files: list[tuple[str, Path, str, bool]]) -> None:
+    def fill(self, files: Iterable[tuple[str, Path, str | None, bool]]) -> None:
         """Make verified files of a job folder cached objects too: (key, path, md5, verified) each.
 
         One scan of the cache for the whole fill (sizes, link counts, last use): objects that no job
@@ -173,7 +175,7 @@ class NodeCache:
             self.evicted += 1
             total -= esize
 
-    def _link_in(self, key: str, final: Path, md5: str, verified: bool) -> bool:
+    def _link_in(self, key: str, final: Path, md5: str | None, verified: bool) -> bool:
         """Hard-link `final` in as object `key` (made read-only), then write its record: last."""
         obj, meta_path = self._paths(key)
         st = os.lstat(final)

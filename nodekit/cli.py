@@ -157,12 +157,19 @@ def cli(verbose: bool) -> None:
               help="Do not use or fill the node's cache (SHARED_DIR/.nodekit-cache) for this job.")
 @click.option("--cache-max-size", metavar="SIZE", envvar="NODEKIT_CACHE_MAX_SIZE",
               help="The node cache's budget: 10G, 500M, or a share of the disk like 50% (the default).")
+@click.option("--md5", type=click.Choice(["all", "source"]), envvar="NODEKIT_MD5",
+              help="all (default): hash every file, check it against the source's Content-MD5 and record it; "
+                   "source: hash only files whose source has a Content-MD5 (as AzCopy and rclone do).")
+@click.option("--pipeline", type=click.IntRange(1, 64), envvar="NODEKIT_PIPELINE",
+              help="Requests in flight per connection for files up to 16 MiB (HTTP/1.1 pipelining; 1 turns it "
+                   "off). Default 8.")
 @local_run_options
 def prep_command(sources: tuple[str, ...], spec_path: str | None, include: tuple[str, ...],
                  exclude: tuple[str, ...], dry_run: bool, timeout: float | None, report_path: Path | None,
                  dest: str | None, concurrency: int | None, identity_client_id: str | None,
                  progress_interval: float, read_timeout: float, no_cache: bool | None,
-                 cache_max_size: str | None, shared_dir: str | None, job_id: str | None) -> None:
+                 cache_max_size: str | None, md5: str | None, pipeline: int | None, shared_dir: str | None,
+                 job_id: str | None) -> None:
     """Download a job's common input into the node's shared directory.
 
     Each SOURCE lands in its own folder of SHARED_DIR/JOB_ID: a blob container URL
@@ -170,7 +177,7 @@ def prep_command(sources: tuple[str, ...], spec_path: str | None, include: tuple
     a local folder. NAME=SOURCE names the folder. Safe to run again: unchanged files are
     skipped, missing, partial or changed ones repaired.
     """
-    from nodekit.prep import DEFAULT_CONCURRENCY, PrepOptions, run_prep
+    from nodekit.prep import DEFAULT_CONCURRENCY, PIPELINE_DEPTH, PrepOptions, run_prep
 
     spec = load_spec(spec_path) if spec_path else Spec()
     if sources and spec.prep.sources:
@@ -189,6 +196,8 @@ def prep_command(sources: tuple[str, ...], spec_path: str | None, include: tuple
         read_timeout=read_timeout,
         cache=not (no_cache if no_cache is not None else not settings.cache),
         cache_max_size=cache_max_size or settings.cache_max_size or "50%",
+        md5=md5 or settings.md5 or "all",
+        pipeline=pipeline or settings.pipeline or PIPELINE_DEPTH,
     )
     from nodekit.cache import parse_budget
 

@@ -30,6 +30,7 @@ from nodekit.storage import RemoteFile, RunContext, Store
 from nodekit.storage.factory import open_store
 from nodekit.storage.http import HttpClient
 from nodekit.transfer import (
+    PIPELINE_DEPTH,
     Action,
     Downloader,
     LocalStat,
@@ -64,6 +65,8 @@ class PrepOptions:
     read_timeout: float = 60.0
     cache: bool = True
     cache_max_size: str = "50%"
+    md5: str = "all"  # "source": files without a source MD5 are not hashed
+    pipeline: int = PIPELINE_DEPTH
 
 
 @dataclass
@@ -84,7 +87,7 @@ class PrepResult:
         return sum(1 for f in self.files if f.action is action and not f.error)
 
     def _got(self, cached: bool) -> list[PlannedFile]:
-        return [f for f in self.files if f.action is Action.DOWNLOAD and not f.error and f.md5 is not None
+        return [f for f in self.files if f.action is Action.DOWNLOAD and not f.error and f.placed
                 and f.cached is cached]
 
     @property
@@ -139,7 +142,9 @@ class PrepResult:
             size = sum(f.remote.size for f in cached if f.remote)
             text += f"; {len(cached)} from the node's cache ({human_bytes(size)})"
         if unverified and not self.dry_run:
-            text += f"; {unverified} without a source checksum (MD5 recorded)"
+            hashed = sum(1 for f in self.files if f.action is Action.DOWNLOAD and f.verified is False and f.md5)
+            text += (f"; {unverified} without a source checksum (MD5 recorded)" if hashed == unverified else
+                     f"; {unverified} without a source checksum ({hashed} hashed)")
         return text
 
 
@@ -236,7 +241,8 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
             remove_placed(job_dir, [f for f in result.files if f.action in (Action.REMOVE, Action.FORGET)], state)
             progress = Progress(len(to_get), sum(f.remote.size for f in to_get if f.remote), emit,
                                 opts.progress_interval)
-            downloader = Downloader(job_dir, stores, ctx, state, opts.concurrency, progress, opts.read_timeout)
+            downloader = Downloader(job_dir, stores, ctx, state, opts.concurrency, progress, opts.read_timeout,
+                                    pipeline=opts.pipeline, hash_all=opts.md5 != "source")
             if cache is not None:
                 to_get = [f for f in to_get if not _from_cache(cache, downloader, f, keys[f.path])]
             _check_space(job_dir, to_get)
@@ -287,7 +293,7 @@ def _fill_cache(cache: NodeCache, job_dir: Path, downloaded: list[PlannedFile], 
     try:
         with cache.lock():
             cache.fill([(keys[f.path], job_dir.joinpath(*f.path.split("/")), f.md5, bool(f.verified))
-                        for f in downloaded if f.md5 is not None and not f.error])
+                        for f in downloaded if f.placed and not f.error])
     except OSError as err:
         log.warning("cache: not filled (%s)", err.strerror)
 

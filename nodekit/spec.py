@@ -255,6 +255,11 @@ class PrepSettings:
     concurrency: int | None = None
     cache: bool = True
     cache_max_size: str | None = None
+    md5: str | None = None
+    pipeline: int | None = None
+
+
+MD5_POLICIES = ("all", "source")
 
 
 @dataclass(frozen=True)
@@ -281,7 +286,8 @@ class Spec:
 
 
 _TOP_KEYS = {"nodekit", "job_id", "pool_id", "prep", "release"}
-_PREP_KEYS = {"sources", "include", "exclude", "timeout", "dest", "concurrency", "cache", "cache_max_size"}
+_PREP_KEYS = {"sources", "include", "exclude", "timeout", "dest", "concurrency", "cache", "cache_max_size", "md5",
+              "pipeline"}
 _SOURCE_KEYS = {"url", "name", "kind", "include", "exclude"}
 _RELEASE_KEYS = {"upload_to", "logs", "dumps", "deadline", "wipe_on_upload_failure", "wipe_task_dirs",
                  "purge_cache"}
@@ -344,7 +350,15 @@ def parse_spec(data: Any, *, origin: str = "description") -> Spec:
         raise UsageError(f"{origin}: prep.cache must be true or false.")
     if prep_data.get("cache_max_size") is not None and not isinstance(prep_data["cache_max_size"], str):
         raise UsageError(f"{origin}: prep.cache_max_size must be a string like \"10G\" or \"50%\".")
+    md5 = prep_data.get("md5")
+    if md5 is not None and md5 not in MD5_POLICIES:
+        raise UsageError(f"{origin}: prep.md5 must be \"all\" or \"source\".")
+    pipeline = prep_data.get("pipeline")
+    if pipeline is not None and (type(pipeline) is not int or not 1 <= pipeline <= 64):
+        raise UsageError(f"{origin}: prep.pipeline must be a whole number from 1 to 64.")
     prep = PrepSettings(
+        md5=md5,
+        pipeline=pipeline,
         cache=prep_data.get("cache", True),
         cache_max_size=prep_data.get("cache_max_size"),
         sources=tuple(sources),

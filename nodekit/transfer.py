@@ -30,15 +30,15 @@ from nodekit.errors import IntegrityError, LocalIOError, NodekitError, UnsafeInp
 from nodekit.names import PARTIAL_SUFFIX, STATE_DIR
 from nodekit.state import Record, StateStore
 from nodekit.storage import CHUNK, RemoteFile, RunContext, Store
-from nodekit.storage.fastget import Endpoint, Failure, Get, fetch_many
 from nodekit.storage.http import RETRY_STATUS, retry_after_seconds
+from nodekit.storage.pipeline import Body, Endpoint, Failure, Get, RangeReader, fetch_pipelined
 
 log = logging.getLogger(__name__)
 
 RANGE_THRESHOLD = 16 * 1024 * 1024  # files above this are fetched as parallel ranges
 RANGE_SIZE = 64 * 1024 * 1024  # 8 MiB ranges cost Azurite 2x the CPU for the same bytes (measured)
-FAST_MAX = 1024 * 1024  # small files up to this size go through the event loop, held whole in memory
 INTEGRITY_ATTEMPTS = 3
+PIPELINE_DEPTH = 8  # requests in flight on one connection of the small-file path
 
 
 class Action(str, Enum):
@@ -108,6 +108,7 @@ class PlannedFile:
     md5: str | None = None
     error: str | None = None
     cached: bool = False  # placed from the node's cache instead of downloaded
+    placed: bool = False  # in place and recorded by this run
 
 
 def plan(
@@ -218,7 +219,7 @@ class _Writer:
             os.close(self.fd)
             raise
 
-    def write_at(self, data: bytes, offset: int) -> None:
+    def write_at(self, data: bytes | memoryview, offset: int) -> None:
         if hasattr(os, "pwrite"):
             while data:
                 n = os.pwrite(self.fd, data, offset)
@@ -246,18 +247,116 @@ class _BigFile:
     failed: bool = False
 
 
+class _Dropped:
+    """A body nobody wants (the run is stopping, or its file could not be opened)."""
+
+    def write(self, data: memoryview) -> None:
+        return None
+
+    def finish(self) -> None:
+        return None
+
+    def discard(self) -> None:
+        return None
+
+
+_DROPPED = _Dropped()
+_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
+_UTIME_FD = os.utime in os.supports_fd
+
+
+class _Incoming:
+    """A file arriving through the pipeline: written to its temporary name and hashed as it comes,
+    then verified and placed by `finish` (or fetched again through the pool if it does not verify)."""
+
+    __slots__ = ("dl", "error", "fd", "final", "hasher", "item", "size", "tmp")
+
+    def __init__(self, dl: Downloader, item: PlannedFile) -> None:
+        self.dl = dl
+        self.item = item
+        self.final = dl._final(item.path)
+        dl._ensure_parent(self.final)
+        self.tmp = self.final.with_name("." + self.final.name + PARTIAL_SUFFIX)
+        self.fd = os.open(self.tmp, _FLAGS, 0o644)
+        self.hasher = dl._hasher(item)
+        self.size = 0
+        self.error: OSError | None = None
+
+    def write(self, data: memoryview) -> None:
+        self.size += len(data)
+        if self.hasher is not None:
+            self.hasher.update(data)
+        if self.error is None:
+            try:
+                while data:
+                    data = data[os.write(self.fd, data):]
+            except OSError as err:
+                self.error = err  # reported by finish; the rest of the body is only read
+
+    def discard(self) -> None:
+        os.close(self.fd)
+        self.fd = -1
+        _unlink_quietly(self.tmp)
+
+    def finish(self) -> None:
+        dl, item = self.dl, self.item
+        try:
+            if self.error is not None:
+                raise self.error
+            try:
+                md5, verified = dl._check(item, self.size, self.hasher)
+            except IntegrityError as err:
+                self.discard()
+                log.debug("%s: %s; fetching it again with retries", item.path, err)
+                dl.ctx.retry_delay(1)  # counted as a retry, like a mismatch on the pool's path
+                dl._refetch(item, 0.0)
+                return
+            assert item.remote is not None
+            mtime = _mtime_ns(item.remote.last_modified)
+            if mtime is not None and _UTIME_FD:
+                os.utime(self.fd, ns=(mtime, mtime))
+            st = os.fstat(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            if mtime is not None and not _UTIME_FD:  # pragma: no cover - Windows
+                os.utime(self.tmp, ns=(mtime, mtime))
+                st = os.stat(self.tmp)
+            os.replace(self.tmp, self.final)
+        except BaseException as err:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+            _unlink_quietly(self.tmp)
+            if isinstance(err, IsADirectoryError):
+                err = LocalIOError(f"{self.final} is a folder where the source has a file; remove it and run again.")
+            elif isinstance(err, OSError):
+                err = _disk_error(err, self.tmp)
+            if not isinstance(err, Exception):
+                raise
+            dl._fail(item, err)
+            return
+        dl.progress.add_bytes(self.size)
+        dl._record(item, self.final, md5, verified, st=st)
+
+
 class Downloader:
     """Downloads planned files into `job_dir`; safe to re-run after any interruption."""
 
     def __init__(self, job_dir: Path, stores: list[Store], ctx: RunContext, state: StateStore,
-                 concurrency: int, progress: Progress, read_timeout: float = 60.0) -> None:
+                 concurrency: int, progress: Progress, read_timeout: float = 60.0,
+                 connections: int | None = None, pipeline: int = PIPELINE_DEPTH, hash_all: bool = True) -> None:
         self.job_dir = job_dir
         self.stores = stores
         self.ctx = ctx
         self.state = state
         self.concurrency = concurrency
+        self.connections = connections or concurrency
+        self.pipeline = pipeline
+        self.hash_all = hash_all  # False: files without a source MD5 are not hashed (--md5 source)
+        self._ranges = RangeReader(read_timeout)
         self.progress = progress
         self.read_timeout = read_timeout
+        self._refetch: Callable[[PlannedFile, float], None] = self._whole
         self._errors: list[NodekitError] = []
         self._dirs_ok: set[Path] = {job_dir}
         self._dirs_lock = threading.Lock()
@@ -296,9 +395,9 @@ class Downloader:
     def run(self, items: list[PlannedFile]) -> list[NodekitError]:
         """Download every item (action DOWNLOAD); return the errors (the first fatal one stops the rest).
 
-        Large files go as parallel ranges to a thread pool; small files from a store that speaks
-        HTTP go through one event loop (fastget) in this thread, and any of those that does not
-        come back as a clean 200 is fetched again by the pool, with retries.
+        Large files go as parallel ranges to a thread pool; the other files of a store that
+        speaks HTTP go through pipelined connections (storage/pipeline.py), and any of those that
+        does not come back as a clean 200 is fetched again by the pool, with retries.
         """
         self._errors = []
         from concurrent.futures import Future, ThreadPoolExecutor  # not paid for by a warm re-run
@@ -326,9 +425,8 @@ class Downloader:
                 futures += [pool.submit(self._guard, self._range, job, s, n) for s, n in ranges]
             futures += [pool.submit(self._guard, self._whole, item) for item in threaded]
 
-            def on_body(get: Get, body: bytes) -> None:
-                if not self._guard(self._place_body, get.item, body) and not self.ctx.stop.is_set():
-                    on_fallback(get, Failure("checksum mismatch"))
+            def refetch(item: PlannedFile, delay: float = 0.0) -> None:
+                futures.append(pool.submit(self._guard, self._whole, item, delay))
 
             def on_fallback(get: Get, failure: Failure) -> float:
                 """Hand the file to the pool; a retryable failure counts as a retry and backs off first."""
@@ -336,15 +434,22 @@ class Downloader:
                 delay = 0.0
                 if status is None or status in RETRY_STATUS:
                     delay = self.ctx.retry_delay(1, retry_after_seconds(failure.retry_after))
-                log.debug("%s: %s on the fast path; fetching it again with retries", get.item.path, failure.why)
-                futures.append(pool.submit(self._guard, self._whole, get.item, delay))
+                log.debug("%s: %s on the pipelined path; fetching it again with retries", get.item.path, failure.why)
+                refetch(get.item, delay)
                 return delay
 
-            for endpoint, gets in fast.items():
-                fetch_many(endpoint, gets, connections=self.concurrency, read_timeout=self.read_timeout,
-                           on_body=on_body, on_fallback=on_fallback, stop=self.ctx.stop)
-            for f in futures:
-                f.result()
+            self._refetch = refetch
+            try:
+                for endpoint, gets in fast.items():
+                    fetch_pipelined(endpoint, gets, connections=self.connections, depth=self.pipeline,
+                                    read_timeout=self.read_timeout, receiver=self, on_fallback=on_fallback,
+                                    stop=self.ctx.stop)
+            except Exception as err:  # a bug in a connection thread: stop cleanly, report it
+                self._errors.append(NodekitError(f"unexpected error while downloading: {type(err).__name__}: {err}"))
+            finally:
+                for f in futures:
+                    f.result()
+                self._refetch = self._whole
         return self._errors
 
     def _guard(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -354,81 +459,80 @@ class Downloader:
             return None
         try:
             return fn(*args)
-        except NodekitError as err:
+        except Exception as err:
+            self._fail(item, err)
+        return None
+
+    def _fail(self, item: PlannedFile, err: Exception) -> None:
+        """Record `err` on `item`; stop the run when it is fatal (or a bug)."""
+        if isinstance(err, NodekitError):
             item.error = str(err)
             with self._placed_lock:
                 self._errors.append(err)
             if not err.retryable or isinstance(err, LocalIOError) or self.ctx.remaining() <= 0:
                 self.ctx.stop.set()
             log.error("failed: %s: %s", item.path, err)
-        except Exception as err:  # a bug: stop cleanly, report it
-            item.error = f"{type(err).__name__}: {err}"
-            with self._placed_lock:
-                self._errors.append(NodekitError(f"unexpected error on {item.path}: {type(err).__name__}: {err}"))
-            self.ctx.stop.set()
-            log.exception("unexpected error on %s", item.path)
-        return None
+            return
+        item.error = f"{type(err).__name__}: {err}"  # a bug: stop cleanly, report it
+        with self._placed_lock:
+            self._errors.append(NodekitError(f"unexpected error on {item.path}: {type(err).__name__}: {err}"))
+        self.ctx.stop.set()
+        log.error("unexpected error on %s", item.path, exc_info=err)
 
-    def _fast_get(self, item: PlannedFile) -> tuple[Endpoint, Get] | None:
-        """The event-loop request for a small file, or None when it must go through the pool."""
+    def _direct(self, item: PlannedFile) -> tuple[Endpoint, str, dict[str, str]] | None:
+        """(endpoint, target, headers) of a plain GET of `item`, or None when its store has no such thing."""
         remote = item.remote
-        store = self.stores[item.source or 0]
-        request = getattr(store, "get_request", None)
-        if remote is None or remote.size > FAST_MAX or request is None:
+        request = getattr(self.stores[item.source or 0], "get_request", None)
+        if remote is None or request is None:
             return None
         url, headers = request(remote)
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             return None
         endpoint = Endpoint(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-        target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
-        return endpoint, Get(item, target, headers, remote.size)
+        return endpoint, (parts.path or "/") + ("?" + parts.query if parts.query else ""), headers
 
-    def _place_body(self, item: PlannedFile, body: bytes) -> bool:
-        """Verify a small file fetched whole and place it; False if it does not verify (fetch it again)."""
+    def _fast_get(self, item: PlannedFile) -> tuple[Endpoint, Get] | None:
+        """The pipelined request for a file, or None when it must go through the pool."""
+        direct = self._direct(item) if self.pipeline >= 1 else None
+        if direct is None or item.remote is None:
+            return None
+        endpoint, target, headers = direct
+        return endpoint, Get(item, target, headers, item.remote.size)
+
+    def open(self, get: Get) -> Body:
+        """Where the pipelined body of `get` goes: its temporary file (see `_Incoming`)."""
+        item: PlannedFile = get.item
+        if self.ctx.stop.is_set():
+            return _DROPPED
         try:
-            md5, verified = self._check(item, len(body), hashlib.md5(body).digest())
-        except IntegrityError:
-            return False
-        final = self._final(item.path)
-        self._ensure_parent(final)
-        tmp = final.with_name("." + final.name + PARTIAL_SUFFIX)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
-            try:
-                view = memoryview(body)
-                while view:
-                    view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
-            self.progress.add_bytes(len(body))
-            self._place(item, tmp, final)
+            return _Incoming(self, item)
         except OSError as err:
-            _unlink_quietly(tmp)
-            raise _disk_error(err, tmp) from err
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
-        self._record(item, final, md5, verified)
-        return True
+            self._fail(item, _disk_error(err, self._final(item.path)))
+        except Exception as err:
+            self._fail(item, err)
+        return _DROPPED
 
-    def _record(self, item: PlannedFile, final: Path, md5: str, verified: bool, cached: bool = False) -> None:
+    def _record(self, item: PlannedFile, final: Path, md5: str | None, verified: bool, cached: bool = False,
+                st: os.stat_result | None = None) -> None:
+        """Journal what was placed at `final` (`st`: its stat, if the caller has it)."""
         item.cached = cached
         remote = item.remote
         assert remote is not None
-        st = os.lstat(final)
+        if st is None:
+            st = os.lstat(final)
         record: Record = {**remote.identity, "md5": md5, "verified": verified,
                           "local_size": st.st_size, "local_mtime_ns": st.st_mtime_ns}
         self.state.append(item.path, record)
         with self._placed_lock:
             self.placed[item.path] = record
-        item.md5, item.verified = md5, verified
+        item.md5, item.verified, item.placed = md5, verified, True
         self.progress.file_done()
         log.debug("%s %s (%s, %s)", "from the cache" if item.cached else "downloaded", item.path,
                   human_bytes(remote.size),
                  "verified" if verified else "unverified: the source has no checksum; MD5 recorded")
 
-    def place_cached(self, item: PlannedFile, obj: Path, md5: str, verified: bool) -> bool:
+    def place_cached(self, item: PlannedFile, obj: Path, md5: str | None, verified: bool) -> bool:
         """Put the cached object `obj` in place of `item` (a hard link, else a copy); False if it cannot."""
         final = self._final(item.path)
         self._ensure_parent(final)
@@ -452,13 +556,19 @@ class Downloader:
         self._record(item, final, md5, verified, cached=True)
         return True
 
-    def _check(self, item: PlannedFile, got_size: int, digest: bytes) -> tuple[str, bool]:
-        """(md5 base64, verified) or IntegrityError."""
+    def _hasher(self, item: PlannedFile) -> Any:
+        """An MD5 for `item`'s bytes, or None when it needs none (no source MD5 and --md5 source)."""
+        return hashlib.md5() if self.hash_all or (item.remote and item.remote.content_md5) else None
+
+    def _check(self, item: PlannedFile, got_size: int, hasher: Any) -> tuple[str | None, bool]:
+        """(md5 base64 or None if not hashed, verified) or IntegrityError."""
         remote = item.remote
         assert remote is not None
-        md5 = base64.b64encode(digest).decode()
         if got_size != remote.size:
             raise IntegrityError(f"{item.path}: got {got_size} bytes, the source lists {remote.size}.")
+        if hasher is None:
+            return None, False
+        md5 = base64.b64encode(hasher.digest()).decode()
         if remote.content_md5:
             if md5 != remote.content_md5:
                 raise IntegrityError(f"{item.path}: MD5 {md5} does not match the source's Content-MD5 "
@@ -478,23 +588,26 @@ class Downloader:
         except OSError as err:
             raise _disk_error(err, final) from err
 
-    def _stream_to(self, tmp: Path, store: Store, remote: RemoteFile) -> tuple[int, bytes]:
-        """Fetch `remote` into `tmp` in one stream, hashing as it is written: (size, MD5 digest)."""
-        hasher = hashlib.md5()
+    def _stream_to(self, tmp: Path, store: Store, item: PlannedFile) -> tuple[int, Any]:
+        """Fetch `item` into `tmp` in one stream, hashing as it is written: (size, MD5 hasher or None)."""
+        remote = item.remote
+        assert remote is not None
+        hasher = self._hasher(item)
         size = 0
         try:
             with open(tmp, "wb") as fh:
                 def sink(data: bytes) -> None:
                     nonlocal size
                     fh.write(data)
-                    hasher.update(data)
+                    if hasher is not None:
+                        hasher.update(data)
                     size += len(data)
                     self.progress.add_bytes(len(data))
 
                 store.fetch(remote, 0, remote.size, sink)
         except OSError as err:
             raise _disk_error(err, tmp) from err
-        return size, hasher.digest()
+        return size, hasher
 
     def _whole(self, item: PlannedFile, delay: float = 0.0) -> None:
         """One request stream per file (after `delay` seconds): hash while writing, verify, place."""
@@ -508,9 +621,9 @@ class Downloader:
         tmp = final.with_name("." + final.name + PARTIAL_SUFFIX)
         try:
             for attempt in range(1, INTEGRITY_ATTEMPTS + 1):
-                size, digest = self._stream_to(tmp, store, remote)
+                size, hasher = self._stream_to(tmp, store, item)
                 try:
-                    md5, verified = self._check(item, size, digest)
+                    md5, verified = self._check(item, size, hasher)
                     break
                 except IntegrityError as err:
                     if attempt == INTEGRITY_ATTEMPTS:
@@ -541,7 +654,7 @@ class Downloader:
             writer = job.writer
             pos = start
 
-            def sink(data: bytes) -> None:
+            def sink(data: bytes | memoryview) -> None:
                 nonlocal pos
                 if job.failed or self.ctx.stop.is_set():
                     raise _Abandoned()
@@ -553,7 +666,18 @@ class Downloader:
                 self.progress.add_bytes(len(data))
 
             try:
-                store.fetch(remote, start, length, sink)
+                direct = self._direct(job.item)
+                if direct is not None:  # the lean path first; what it does not deliver, the store fetches with retries
+                    _, failure = self._ranges.read(*direct, start, length, sink)
+                    if failure is not None:
+                        log.debug("%s: %s on the direct range path; going on with retries", job.item.path,
+                                  failure.why)
+                        if failure.status is None or failure.status in RETRY_STATUS:
+                            delay = self.ctx.retry_delay(1, retry_after_seconds(failure.retry_after))
+                            if self.ctx.stop.wait(min(delay, max(0.0, self.ctx.remaining()))):
+                                raise _Abandoned()
+                if pos < start + length:
+                    store.fetch(remote, pos, start + length - pos, sink)
             except _Abandoned:
                 return
             ok = True
@@ -580,17 +704,13 @@ class Downloader:
             assert job.writer is not None
             job.writer.close()
             job.writer = None
-            hasher = hashlib.md5()
-            size = 0
+            hasher = self._hasher(item)
             try:
-                with open(job.tmp, "rb") as fh:
-                    while chunk := fh.read(CHUNK * 4):
-                        hasher.update(chunk)
-                        size += len(chunk)
+                size = os.stat(job.tmp).st_size if hasher is None else _hash_file(job.tmp, hasher)
             except OSError as err:
                 raise _disk_error(err, job.tmp) from err
             try:
-                md5, verified = self._check(item, size, hasher.digest())
+                md5, verified = self._check(item, size, hasher)
             except IntegrityError:
                 _unlink_quietly(job.tmp)
                 log.warning("%s: checksum mismatch after a ranged download; fetching it again in one stream",
@@ -602,6 +722,18 @@ class Downloader:
             self._discard_big(job)
             raise
         self._record(item, job.final, md5, verified)
+
+
+def _hash_file(path: Path, hasher: Any) -> int:
+    """Feed the file at `path` to `hasher` through one reused buffer; return its size."""
+    buf = bytearray(CHUNK * 4)
+    view = memoryview(buf)
+    size = 0
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            hasher.update(view[:n])
+            size += n
+    return size
 
 
 class _Abandoned(Exception):

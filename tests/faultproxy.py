@@ -154,9 +154,13 @@ class FaultProxy:
             await up_writer.drain()
             resp_head = await up_reader.readuntil(b"\r\n\r\n")
             length = None
-            for line in resp_head.decode("latin-1").split("\r\n")[1:]:
+            kept = []
+            for line in resp_head.decode("latin-1").split("\r\n")[:-2]:
                 if line.lower().startswith("content-length:"):
                     length = int(line.split(":", 1)[1])
+                if not line.lower().startswith(("connection:", "keep-alive:")):  # hop-by-hop: ours, not upstream's
+                    kept.append(line)
+            resp_head = ("\r\n".join(kept) + "\r\n\r\n").encode("latin-1")
             writer.write(resp_head)
             if method == "HEAD" or length == 0:
                 await writer.drain()
