@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import stat
 from collections.abc import Iterable
@@ -27,33 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from nodekit.errors import UsageError
+from nodekit.spec import parse_budget  # noqa: F401  (re-exported)
 from nodekit.state import JobLock
 from nodekit.storage import RemoteFile
 
 log = logging.getLogger(__name__)
 
 CACHE_DIR = ".nodekit-cache"
-_SIZE = re.compile(r"^(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]i?B?|B)?$", re.IGNORECASE)
-_PERCENT = re.compile(r"^(?P<n>\d+(?:\.\d+)?)\s*%$")
-
-
-def parse_budget(text: str, what: str = "--cache-max-size") -> tuple[int | None, float | None]:
-    """(bytes, None) from '10G', '500MiB', '1048576'; (None, share) from '50%'. UsageError otherwise."""
-    text = str(text).strip()
-    m = _PERCENT.match(text)
-    if m:
-        share = float(m.group("n")) / 100
-        if not 0 < share <= 1:
-            raise UsageError(f"{what} {text}: give a share from 1% to 100%.")
-        return None, share
-    m = _SIZE.match(text)
-    if not m:
-        raise UsageError(f"{what} {text!r}: give a size (10G, 500M, bytes) or a share of the disk (50%).")
-    unit = (m.group("unit") or "B").upper()[0]
-    scale = {"B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}[unit]
-    return int(float(m.group("n")) * scale), None
-
-
 def cache_key(source_id: str, remote: RemoteFile) -> str:
     """Content identity when the source has an MD5, else location + ETag + size."""
     basis = (f"md5:{remote.content_md5}:{remote.size}" if remote.content_md5
@@ -81,7 +60,7 @@ class NodeCache:
         self.added = 0
         self.evicted = 0
         self.not_cached = 0
-        self._folders: set[Path] = set()
+        self._folders: set[str] = set()
 
     # -- paths ----------------------------------------------------------------------------------
     def _paths(self, key: str) -> tuple[Path, Path]:
@@ -139,7 +118,7 @@ class NodeCache:
         return Hit(obj, md5 if isinstance(md5, str) else None, bool(meta.get("verified")))
 
     # -- writing --------------------------------------------------------------------------------
-    def fill(self, files: Iterable[tuple[str, Path, str | None, bool]]) -> None:
+    def fill(self, files: Iterable[tuple[str, Path | str, str | None, bool]]) -> None:
         """Make verified files of a job folder cached objects too: (key, path, md5, verified) each.
 
         One scan of the cache for the whole fill (sizes, link counts, last use): objects that no job
@@ -175,14 +154,16 @@ class NodeCache:
             self.evicted += 1
             total -= esize
 
-    def _link_in(self, key: str, final: Path, md5: str | None, verified: bool) -> bool:
+    def _link_in(self, key: str, final: Path | str, md5: str | None, verified: bool) -> bool:
         """Hard-link `final` in as object `key` (made read-only), then write its record: last."""
-        obj, meta_path = self._paths(key)
+        folder = f"{self.objects}{os.sep}{key[:2]}"  # plain strings: this runs once per downloaded file
+        obj, meta_path = f"{folder}{os.sep}{key}", f"{folder}{os.sep}{key}.json"
         st = os.lstat(final)
-        os.chmod(final, stat.S_IMODE(st.st_mode) & 0o444)  # read-only: the job's file and the object are one
-        if obj.parent not in self._folders:
-            obj.parent.mkdir(exist_ok=True)
-            self._folders.add(obj.parent)
+        if st.st_mode & 0o222:
+            os.chmod(final, stat.S_IMODE(st.st_mode) & 0o444)  # read-only: the job's file and the object are one
+        if folder not in self._folders:
+            os.makedirs(folder, exist_ok=True)
+            self._folders.add(folder)
         try:
             os.link(final, obj)  # a new name appears whole: no temporary name needed
         except FileExistsError:
@@ -195,8 +176,12 @@ class NodeCache:
             return False  # another file system, or links not allowed: the job keeps its file, uncached
         record = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "md5": md5,
                   "verified": verified}  # chmod changed none of these
-        mtmp = meta_path.with_name(f".{key}.{os.getpid()}.json.tmp")
-        mtmp.write_text(json.dumps(record), encoding="utf-8")
+        mtmp = f"{folder}{os.sep}.{key}.{os.getpid()}.json.tmp"
+        fd = os.open(mtmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
+        try:
+            os.write(fd, json.dumps(record).encode())
+        finally:
+            os.close(fd)
         os.replace(mtmp, meta_path)  # written last: from here on the object counts
         self.added += 1
         return True
@@ -245,7 +230,7 @@ class NodeCache:
         return True
 
 
-def _unlink(path: Path) -> None:
+def _unlink(path: Path | str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:

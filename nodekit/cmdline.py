@@ -112,7 +112,7 @@ def check(desc: Description) -> None:
         raise UsageError(f"the release deadline ({iso_duration(deadline)}) must end before the release task's "
                          f"maxWallClockTime ({iso_duration(desc.release_max_wall_clock)}), or Batch kills it first.")
     if desc.cache_max_size:
-        from nodekit.cache import parse_budget
+        from nodekit.spec import parse_budget
 
         parse_budget(desc.cache_max_size)
     if not 0 <= desc.prep_retries <= 100:

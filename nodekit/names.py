@@ -72,6 +72,14 @@ def find_collisions(paths: Iterable[str]) -> list[str]:
         else:
             seen[key] = path
     keys = set(seen)
+    folders: set[str] = set()  # every folder above a path, each walked up once
+    for key in seen:
+        cut = key.rfind("/")
+        while cut > 0 and key[:cut] not in folders:
+            folders.add(key[:cut])
+            cut = key.rfind("/", 0, cut)
+    if not problems and folders.isdisjoint(keys):
+        return []  # the common case, in one pass: no file is also a folder
     for key, path in seen.items():
         parts = key.split("/")
         for i in range(1, len(parts)):

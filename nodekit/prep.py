@@ -10,37 +10,31 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nodekit.batchenv import BatchEnv, ensure_inside, job_folder
-from nodekit.cache import NodeCache, cache_key, parse_budget
-from nodekit.cache import describe as describe_cache
 from nodekit.credentials import CredentialEnv
 from nodekit.errors import LocalIOError, NodekitError, NotFound, UnsafeInput, UsageError
 from nodekit.names import STATE_DIR, GlobFilter, find_collisions, unsafe_reason
+from nodekit.plan import Action, LocalStat, PlannedFile, human_bytes, plan, remove_placed, sweep_partials
 from nodekit.report import report_path, write_report
 from nodekit.spec import SourceSpec
 from nodekit.state import STATE_FILE, JobLock, StateStore
 from nodekit.storage import RemoteFile, RunContext, Store
 from nodekit.storage.factory import open_store
 from nodekit.storage.http import HttpClient
-from nodekit.transfer import (
-    PIPELINE_DEPTH,
-    Action,
-    Downloader,
-    LocalStat,
-    PlannedFile,
-    Progress,
-    human_bytes,
-    plan,
-    remove_placed,
-    sweep_partials,
-)
+from nodekit.storage.pipeline import DEFAULT_DEPTH as PIPELINE_DEPTH
+
+if TYPE_CHECKING:
+    from nodekit.cache import NodeCache
+    from nodekit.transfer import Downloader
+
+# The download machinery (transfer, cache, pipeline) is imported only when there is something
+# to download: a warm re-run, which only lists and decides, does not pay for it.
 
 log = logging.getLogger(__name__)
 
@@ -195,16 +189,15 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
     stores = [open_store(s, creds, http) for s in opts.sources]
     result = PrepResult(job_dir, [{"name": s.name, "source": st.display, "credential": st.credential_kind}
                                   for s, st in zip(opts.sources, stores, strict=False)], dry_run=opts.dry_run)
-    listing = _list_sources(stores, opts.sources, GlobFilter(opts.include, opts.exclude))
-
-    job_root = str(job_dir) + os.sep
-
-    def stat(path: str) -> LocalStat | None:
-        return LocalStat.of(job_root + path.replace("/", os.sep))
-
     state = StateStore(job_dir)
+    scan = _LocalScan(job_dir, state)  # reads the records and stats their files while the listing runs
+    try:
+        listing = _list_sources(stores, opts.sources, GlobFilter(opts.include, opts.exclude))
+    finally:
+        scan.join()
     if opts.dry_run:
-        result.files = plan(listing, state.load() if job_dir.is_dir() else {}, stat)
+        records, stat = scan.result()
+        result.files = plan(listing, records, stat)
         result.retries, result.elapsed = ctx.retries, time.monotonic() - ctx.started
         for f in result.files:
             if f.action is not Action.FORGET:
@@ -218,7 +211,7 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
     with JobLock(job_dir, timeout=max(1.0, ctx.remaining())) as lock:
         if lock.waited > 0.5:
             log.info("waited %.1f s for another nodekit run on this job to finish", lock.waited)
-        records = state.load()
+        records, stat = scan.result()
         marker = job_dir / STATE_DIR / RUNNING_MARKER
         if marker.exists() or not (job_dir / STATE_DIR / STATE_FILE).exists():  # the last run did not finish
             result.swept = sweep_partials(job_dir)
@@ -232,31 +225,19 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
             elif f.action is Action.KEEP and f.path in records:
                 log.info("kept %s (%s)", f.path, f.reason)
         to_get = [f for f in result.files if f.action is Action.DOWNLOAD]
-        cache = _open_cache(opts, shared) if to_get else None
-        keys = {f.path: cache_key(stores[f.source or 0].display, f.remote) for f in to_get if f.remote} \
-            if cache else {}
         errors: list[NodekitError] = []
-        downloader = None
+        placed: dict[str, Any] = {}
         try:
-            remove_placed(job_dir, [f for f in result.files if f.action in (Action.REMOVE, Action.FORGET)], state)
-            progress = Progress(len(to_get), sum(f.remote.size for f in to_get if f.remote), emit,
-                                opts.progress_interval)
-            downloader = Downloader(job_dir, stores, ctx, state, opts.concurrency, progress, opts.read_timeout,
-                                    pipeline=opts.pipeline, hash_all=opts.md5 != "source")
-            if cache is not None:
-                to_get = [f for f in to_get if not _from_cache(cache, downloader, f, keys[f.path])]
-            _check_space(job_dir, to_get)
-            with progress:
-                errors = downloader.run(to_get)
-            if cache is not None:
-                _fill_cache(cache, job_dir, to_get, keys)
-                result.cache = describe_cache(cache)
+            removals = [f for f in result.files if f.action in (Action.REMOVE, Action.FORGET)]
+            if removals:
+                remove_placed(job_dir, removals, state)
+            if to_get:
+                errors = _download(opts, shared, job_dir, stores, ctx, state, to_get, emit, result, placed)
         finally:
             for f in result.files:
                 if f.action in (Action.REMOVE, Action.FORGET):
                     records.pop(f.path, None)
-            if downloader is not None:
-                records.update(downloader.placed)
+            records.update(placed)
             state.compact(records)
         result.retries, result.elapsed = ctx.retries, time.monotonic() - ctx.started
         if not errors:
@@ -269,10 +250,88 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
     return result
 
 
+class _LocalScan:
+    """The job folder's records, and the stat of each file they name, read in a thread while the
+    sources are listed (on a warm re-run that is most of the local work). `result` hands them
+    over if the state files did not change since, else reads them again."""
+
+    def __init__(self, job_dir: Path, state: StateStore) -> None:
+        import threading
+
+        self.root = str(job_dir) + os.sep
+        self.state = state
+        self.seen: object = None
+        self.records: dict[str, Any] = {}
+        self.stats: dict[str, LocalStat | None] = {}
+        self.thread = threading.Thread(target=self._run, name="nodekit-scan", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            seen = self.state.identity()
+            self.records = self.state.load()
+            self.stats = {path: self.stat(path) for path in self.records}
+            self.seen = seen
+        except Exception as err:  # only a head start: result() reads again
+            log.debug("local scan: %s", err)
+
+    def stat(self, path: str) -> LocalStat | None:
+        return LocalStat.of(self.root + path.replace("/", os.sep))
+
+    def join(self) -> None:
+        self.thread.join()
+
+    def result(self) -> tuple[dict[str, Any], Callable[[str], LocalStat | None]]:
+        """(records, stat function): the scan's, or read afresh if another run changed the state since."""
+        self.thread.join()
+        if self.seen is None or self.seen != self.state.identity():
+            return self.state.load(), self.stat
+        stats = self.stats
+        return self.records, lambda path: stats[path] if path in stats else self.stat(path)
+
+
+def _download(opts: PrepOptions, shared: Path, job_dir: Path, stores: list[Store], ctx: RunContext,
+              state: StateStore, to_get: list[PlannedFile], emit: Callable[[str], None], result: PrepResult,
+              placed: dict[str, Any]) -> list[NodekitError]:
+    """Fetch `to_get`, from the node's cache where it has them; `placed` gets the record of each file
+    put in place (also when the run fails part-way). Returns the errors, the first fatal one first."""
+    from nodekit.cache import cache_key
+    from nodekit.cache import describe as describe_cache
+    from nodekit.transfer import Downloader, Progress
+
+    cache = _open_cache(opts, shared)
+    keys = {f.path: cache_key(stores[f.source or 0].display, f.remote) for f in to_get if f.remote} \
+        if cache else {}
+    progress = Progress(len(to_get), sum(f.remote.size for f in to_get if f.remote), emit, opts.progress_interval)
+    downloader = Downloader(job_dir, stores, ctx, state, opts.concurrency, progress, opts.read_timeout,
+                            pipeline=opts.pipeline, hash_all=opts.md5 != "source")
+    try:
+        if cache is not None:
+            to_get = [f for f in to_get if not _from_cache(cache, downloader, f, keys[f.path])]
+        _check_space(job_dir, to_get)
+        filler = _CacheFiller(cache, job_dir, keys) if cache is not None and to_get else None
+        if filler is not None:
+            downloader.on_placed = filler.add
+            downloader.file_mode = 0o444  # the cache makes them read-only anyway
+        try:
+            with progress:
+                errors = downloader.run(to_get)
+        finally:
+            if filler is not None:
+                filler.close()
+        if cache is not None:
+            result.cache = describe_cache(cache)
+        return errors
+    finally:
+        placed.update(downloader.placed)
+
+
 def _open_cache(opts: PrepOptions, shared: Path) -> NodeCache | None:
     """The node's cache, opened and repaired; None with --no-cache or when it cannot be used."""
     if not opts.cache:
         return None
+    from nodekit.cache import NodeCache, parse_budget
+
     max_bytes, share = parse_budget(opts.cache_max_size)
     cache = NodeCache(shared, max_bytes, share)
     try:
@@ -288,14 +347,37 @@ def _from_cache(cache: NodeCache, downloader: Downloader, item: PlannedFile, key
     return hit is not None and downloader.place_cached(item, hit.path, hit.md5, hit.verified)
 
 
-def _fill_cache(cache: NodeCache, job_dir: Path, downloaded: list[PlannedFile], keys: dict[str, str]) -> None:
-    """Add what was just downloaded and verified to the cache, then keep it within its budget."""
-    try:
-        with cache.lock():
-            cache.fill([(keys[f.path], job_dir.joinpath(*f.path.split("/")), f.md5, bool(f.verified))
-                        for f in downloaded if f.placed and not f.error])
-    except OSError as err:
-        log.warning("cache: not filled (%s)", err.strerror)
+class _CacheFiller:
+    """Adds each file to the cache as soon as it is placed, in a thread of its own under the cache's lock,
+    so that filling the cache overlaps the downloads; `close` waits for it and keeps the budget."""
+
+    def __init__(self, cache: NodeCache, job_dir: Path, keys: dict[str, str]) -> None:
+        import queue
+        import threading
+
+        self.cache = cache
+        self.root = str(job_dir) + os.sep
+        self.keys = keys
+        self.queue: queue.SimpleQueue[tuple[str, str, str | None, bool] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="nodekit-cache", daemon=True)
+        self.thread.start()
+
+    def add(self, item: PlannedFile) -> None:
+        self.queue.put((self.keys[item.path], self.root + item.path.replace("/", os.sep), item.md5,
+                        bool(item.verified)))
+
+    def _run(self) -> None:
+        try:
+            with self.cache.lock():
+                self.cache.fill(iter(self.queue.get, None))
+        except OSError as err:
+            log.warning("cache: not filled (%s)", err.strerror)
+        except NodekitError as err:  # another prep held the cache's lock too long
+            log.warning("cache: not filled (%s)", err)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
 
 
 def _check_space(job_dir: Path, to_get: list[PlannedFile]) -> None:
@@ -303,6 +385,8 @@ def _check_space(job_dir: Path, to_get: list[PlannedFile]) -> None:
     need = sum(f.remote.size for f in to_get if f.remote)
     if not need:
         return
+    import shutil
+
     free = shutil.disk_usage(job_dir).free
     if need > free:
         raise LocalIOError(f"the download needs {human_bytes(need)} but only {human_bytes(free)} is free "
@@ -310,4 +394,6 @@ def _check_space(job_dir: Path, to_get: list[PlannedFile]) -> None:
 
 
 def _write_report(result: PrepResult, opts: PrepOptions, env: BatchEnv) -> None:
-    write_report(result.report(), report_path(opts.report_path, env, "nodekit-prep.json"))
+    path = report_path(opts.report_path, env, "nodekit-prep.json")
+    if path is not None:
+        write_report(result.report(), path)

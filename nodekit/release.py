@@ -31,12 +31,12 @@ from nodekit.cache import CACHE_DIR
 from nodekit.credentials import CredentialEnv
 from nodekit.errors import ExitCode, NodekitError, TransientError, UnsafeInput
 from nodekit.names import glob_match, unsafe_reason
+from nodekit.plan import human_bytes
 from nodekit.report import report_path, write_report
 from nodekit.spec import SourceSpec
 from nodekit.storage import CHUNK, RunContext, WritableStore
 from nodekit.storage.factory import open_destination
 from nodekit.storage.http import HttpClient
-from nodekit.transfer import human_bytes
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,6 @@ Description file (JSON; see the README for every key)::
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -120,6 +118,8 @@ def _is_local_host(host: str) -> bool:
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
+        import ipaddress
+
         ipaddress.ip_address(host)
     except ValueError:
         return False
@@ -404,6 +404,8 @@ def load_spec(path: str | Path) -> Spec:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise UsageError(f"cannot read description file {path}: {err.strerror}.") from None
+    import json  # not paid for by runs without a description file
+
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -418,3 +420,24 @@ def sources_from_args(args: Sequence[str]) -> tuple[SourceSpec, ...]:
         name, text = split_named(arg)
         specs.append(parse_source(text, name=name))
     return tuple(specs)
+
+
+_SIZE = re.compile(r"^(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]i?B?|B)?$", re.IGNORECASE)
+_PERCENT = re.compile(r"^(?P<n>\d+(?:\.\d+)?)\s*%$")
+
+
+def parse_budget(text: str, what: str = "--cache-max-size") -> tuple[int | None, float | None]:
+    """(bytes, None) from '10G', '500MiB', '1048576'; (None, share) from '50%'. UsageError otherwise."""
+    text = str(text).strip()
+    m = _PERCENT.match(text)
+    if m:
+        share = float(m.group("n")) / 100
+        if not 0 < share <= 1:
+            raise UsageError(f"{what} {text}: give a share from 1% to 100%.")
+        return None, share
+    m = _SIZE.match(text)
+    if not m:
+        raise UsageError(f"{what} {text!r}: give a size (10G, 500M, bytes) or a share of the disk (50%).")
+    unit = (m.group("unit") or "B").upper()[0]
+    scale = {"B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}[unit]
+    return int(float(m.group("n")) * scale), None

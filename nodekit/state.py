@@ -9,7 +9,6 @@ temporary file and `os.replace`. `JobLock` keeps two runs for one job apart (Lin
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -40,8 +39,21 @@ class StateStore:
         self._last_flush = time.monotonic()
         self.dirty = False  # something was journalled: compact() has work to do
 
+    def identity(self) -> tuple[tuple[int, int, int] | None, ...]:
+        """What the state files are now (size, mtime, inode of each): equal means unchanged since."""
+        out = []
+        for name in (STATE_FILE, JOURNAL_FILE):
+            try:
+                st = os.stat(self.dir / name)
+                out.append((st.st_size, st.st_mtime_ns, st.st_ino))
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
     def load(self) -> dict[str, Record]:
         """Records by job-relative path; a missing, torn or foreign file counts as empty."""
+        import json
+
         records: dict[str, Record] = {}
         try:
             data = json.loads((self.dir / STATE_FILE).read_text(encoding="utf-8"))
@@ -70,6 +82,8 @@ class StateStore:
         Lines are buffered and written at most `FLUSH_INTERVAL` seconds apart: a kill loses at most
         the records of the last moments, whose files are then downloaded again (never trusted).
         """
+        import json
+
         line = json.dumps({"path": path, "record": record}, ensure_ascii=False) + "\n"
         with self._lock:
             self._pending.append(line)
@@ -96,6 +110,8 @@ class StateStore:
 
         Does nothing when nothing was journalled and state.json is current (a warm re-run).
         """
+        import json
+
         self.flush()
         if not self.dirty and not (self.dir / JOURNAL_FILE).exists() and (self.dir / STATE_FILE).exists():
             return
@@ -104,8 +120,8 @@ class StateStore:
                 self._journal.close()
                 self._journal = None
             tmp = self.dir / (STATE_FILE + ".tmp")
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump({"version": 1, "files": records}, fh, ensure_ascii=False, separators=(",", ":"))
+            with open(tmp, "w", encoding="utf-8") as fh:  # dumps, not dump: the C encoder in one piece
+                fh.write(json.dumps({"version": 1, "files": records}, ensure_ascii=False, separators=(",", ":")))
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.dir / STATE_FILE)

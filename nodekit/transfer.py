@@ -10,129 +10,50 @@ Every failure path removes its temporary file.
 from __future__ import annotations
 
 import base64
-import email.utils
-import errno
+import functools
 import hashlib
 import logging
 import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import Enum
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from nodekit.errors import IntegrityError, LocalIOError, NodekitError, UnsafeInput
-from nodekit.names import PARTIAL_SUFFIX, STATE_DIR
+from nodekit.names import PARTIAL_SUFFIX
+from nodekit.plan import (  # noqa: F401  (Action, LocalStat, decide, human_bytes: re-exported)
+    Action,
+    LocalStat,
+    PlannedFile,
+    _disk_error,
+    _unlink_quietly,
+    decide,
+    human_bytes,
+)
 from nodekit.state import Record, StateStore
-from nodekit.storage import CHUNK, RemoteFile, RunContext, Store
+from nodekit.storage import CHUNK, RunContext, Store
 from nodekit.storage.http import RETRY_STATUS, retry_after_seconds
-from nodekit.storage.pipeline import Body, Endpoint, Failure, Get, RangeReader, fetch_pipelined
+from nodekit.storage.pipeline import DEFAULT_DEPTH, Body, Endpoint, Failure, Get, RangeReader, fetch_pipelined
 
 log = logging.getLogger(__name__)
 
 RANGE_THRESHOLD = 16 * 1024 * 1024  # files above this are fetched as parallel ranges
 RANGE_SIZE = 64 * 1024 * 1024  # 8 MiB ranges cost Azurite 2x the CPU for the same bytes (measured)
 INTEGRITY_ATTEMPTS = 3
-PIPELINE_DEPTH = 8  # requests in flight on one connection of the small-file path
 
 
-class Action(str, Enum):
-    DOWNLOAD = "download"
-    SKIP = "skip"
-    REMOVE = "remove"
-    KEEP = "keep"  # gone from the source, but changed locally: left alone
-    FORGET = "forget"  # gone from the source and from disk: only the record is dropped
-
-
-@dataclass(frozen=True)
-class LocalStat:
-    """What is on disk at a path (lstat: a symbolic link is not a regular file)."""
-
-    size: int
-    mtime_ns: int
-    regular: bool
-
-    @classmethod
-    def of(cls, path: str | Path) -> LocalStat | None:
-        try:
-            st = os.lstat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        return cls(st.st_size, st.st_mtime_ns, stat.S_ISREG(st.st_mode))
-
-
-_IDENTITY_KEYS = ("etag", "size", "last_modified", "content_md5")
-
-
-def decide(remote: RemoteFile | None, record: Record | None, local: LocalStat | None) -> tuple[Action, str]:
-    """What to do with one path, and why. Pure: the same inputs always give the same answer."""
-    if remote is None:
-        if record is None:
-            return Action.KEEP, "not placed by nodekit"
-        if local is None:
-            return Action.FORGET, "gone from the source and already gone locally"
-        if local.regular and (local.size, local.mtime_ns) == (record.get("local_size"), record.get("local_mtime_ns")):
-            return Action.REMOVE, "gone from the source"
-        return Action.KEEP, "gone from the source, but changed locally since nodekit placed it: left alone"
-    if local is None:
-        return Action.DOWNLOAD, "missing locally"
-    if record is None:
-        return Action.DOWNLOAD, "present locally but not placed by nodekit (no record)"
-    for key in _IDENTITY_KEYS:
-        if record.get(key) != remote.identity[key]:
-            return Action.DOWNLOAD, f"changed at the source ({key} {record.get(key)!r} -> {remote.identity[key]!r})"
-    if not local.regular:
-        return Action.DOWNLOAD, "not a regular file locally"
-    if local.size != record.get("local_size"):
-        return Action.DOWNLOAD, f"modified locally (size {record.get('local_size')} -> {local.size})"
-    if local.mtime_ns != record.get("local_mtime_ns"):
-        return Action.DOWNLOAD, "modified locally (modification time changed)"
-    return Action.SKIP, "unchanged"
-
-
-@dataclass
-class PlannedFile:
-    """One line of the plan: a job-relative path, where it comes from, and the decision."""
-
-    path: str
-    action: Action
-    reason: str
-    source: int | None = None  # index into the run's sources
-    remote: RemoteFile | None = None
-    verified: bool | None = None
-    md5: str | None = None
-    error: str | None = None
-    cached: bool = False  # placed from the node's cache instead of downloaded
-    placed: bool = False  # in place and recorded by this run
-
-
-def plan(
-    listing: dict[str, tuple[int, RemoteFile]],
-    records: dict[str, Record],
-    stat: Callable[[str], LocalStat | None],
-) -> list[PlannedFile]:
-    """Decide every path that is in the listing or in the records (pure but for `stat`)."""
-    out = []
-    for path in sorted(set(listing) | set(records)):
-        src, remote = listing.get(path, (None, None))
-        record = records.get(path)
-        action, reason = decide(remote, record, stat(path))
-        if remote is not None and record is not None and action is Action.SKIP:
-            out.append(PlannedFile(path, action, reason, src, remote, record.get("verified"), record.get("md5")))
-        else:
-            out.append(PlannedFile(path, action, reason, src, remote))
-    return out
-
-
+@functools.lru_cache(maxsize=4096)
 def _mtime_ns(last_modified: str) -> int | None:
     """The source's modification time in ns, from RFC 1123 or ISO 8601 text."""
     if not last_modified:
         return None
+    import email.utils
+
     try:
         when = email.utils.parsedate_to_datetime(last_modified)
     except (TypeError, ValueError):
@@ -141,17 +62,6 @@ def _mtime_ns(last_modified: str) -> int | None:
         except ValueError:
             return None
     return int(when.timestamp() * 1_000_000_000)
-
-
-def _disk_error(err: OSError, path: Path) -> NodekitError:
-    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
-        return LocalIOError(f"the disk is full while writing {path}: free space on the node and run again.")
-    if err.errno == errno.EFBIG:
-        return LocalIOError(f"the disk is full for this process while writing {path} (a file-size limit was "
-                            "reached): raise the limit or free space, and run again.")
-    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return LocalIOError(f"cannot write {path}: {err.strerror}; check the folder's permissions.")
-    return LocalIOError(f"writing {path} failed: {err.strerror}.")
 
 
 class Progress:
@@ -196,14 +106,6 @@ class Progress:
         self._done.set()
         if self._thread:
             self._thread.join()
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
 
 
 class _Writer:
@@ -274,10 +176,14 @@ class _Incoming:
     def __init__(self, dl: Downloader, item: PlannedFile) -> None:
         self.dl = dl
         self.item = item
-        self.final = dl._final(item.path)
-        dl._ensure_parent(self.final)
-        self.tmp = self.final.with_name("." + self.final.name + PARTIAL_SUFFIX)
-        self.fd = os.open(self.tmp, _FLAGS, 0o644)
+        parent, _, name = item.path.rpartition("/")  # plain strings: this runs once per file
+        folder = dl.job_root + parent.replace("/", os.sep) if parent else dl.job_root[:-1]
+        if folder not in dl._folders_ok:
+            dl._ensure_parent(dl._final(item.path))
+            dl._folders_ok.add(folder)
+        self.final = f"{folder}{os.sep}{name}"
+        self.tmp = f"{folder}{os.sep}.{name}{PARTIAL_SUFFIX}"
+        self.fd = os.open(self.tmp, _FLAGS, dl.file_mode)
         self.hasher = dl._hasher(item)
         self.size = 0
         self.error: OSError | None = None
@@ -330,7 +236,7 @@ class _Incoming:
             if isinstance(err, IsADirectoryError):
                 err = LocalIOError(f"{self.final} is a folder where the source has a file; remove it and run again.")
             elif isinstance(err, OSError):
-                err = _disk_error(err, self.tmp)
+                err = _disk_error(err, Path(self.tmp))
             if not isinstance(err, Exception):
                 raise
             dl._fail(item, err)
@@ -344,7 +250,7 @@ class Downloader:
 
     def __init__(self, job_dir: Path, stores: list[Store], ctx: RunContext, state: StateStore,
                  concurrency: int, progress: Progress, read_timeout: float = 60.0,
-                 connections: int | None = None, pipeline: int = PIPELINE_DEPTH, hash_all: bool = True) -> None:
+                 connections: int | None = None, pipeline: int = DEFAULT_DEPTH, hash_all: bool = True) -> None:
         self.job_dir = job_dir
         self.stores = stores
         self.ctx = ctx
@@ -357,8 +263,12 @@ class Downloader:
         self.progress = progress
         self.read_timeout = read_timeout
         self._refetch: Callable[[PlannedFile, float], None] = self._whole
+        self.on_placed: Callable[[PlannedFile], None] | None = None  # called for each file downloaded and placed
         self._errors: list[NodekitError] = []
         self._dirs_ok: set[Path] = {job_dir}
+        self.job_root = str(job_dir) + os.sep
+        self._folders_ok: set[str] = set()  # parent folders (as strings) known to exist, for _Incoming
+        self.file_mode = 0o644  # 0o444 when the cache will take the files anyway (saves a chmod each)
         self._dirs_lock = threading.Lock()
         self.placed: dict[str, Record] = {}
         self._placed_lock = threading.Lock()
@@ -441,7 +351,7 @@ class Downloader:
             self._refetch = refetch
             try:
                 for endpoint, gets in fast.items():
-                    fetch_pipelined(endpoint, gets, connections=self.connections, depth=self.pipeline,
+                    fetch_pipelined(endpoint, gets, connections=self._pipelined_connections(), depth=self.pipeline,
                                     read_timeout=self.read_timeout, receiver=self, on_fallback=on_fallback,
                                     stop=self.ctx.stop)
             except Exception as err:  # a bug in a connection thread: stop cleanly, report it
@@ -451,6 +361,11 @@ class Downloader:
                     f.result()
                 self._refetch = self._whole
         return self._errors
+
+    def _pipelined_connections(self) -> int:
+        """Connections for the pipelined path: `concurrency` requests in flight in all (at least 2 connections,
+        so that one slow response does not hold everything up)."""
+        return max(2, -(-self.connections // max(1, self.pipeline)))
 
     def _guard(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run one unit of work; record its error on the item and stop the run when it is fatal."""
@@ -513,7 +428,7 @@ class Downloader:
             self._fail(item, err)
         return _DROPPED
 
-    def _record(self, item: PlannedFile, final: Path, md5: str | None, verified: bool, cached: bool = False,
+    def _record(self, item: PlannedFile, final: Path | str, md5: str | None, verified: bool, cached: bool = False,
                 st: os.stat_result | None = None) -> None:
         """Journal what was placed at `final` (`st`: its stat, if the caller has it)."""
         item.cached = cached
@@ -528,6 +443,8 @@ class Downloader:
             self.placed[item.path] = record
         item.md5, item.verified, item.placed = md5, verified, True
         self.progress.file_done()
+        if self.on_placed is not None and not cached:
+            self.on_placed(item)
         log.debug("%s %s (%s, %s)", "from the cache" if item.cached else "downloaded", item.path,
                   human_bytes(remote.size),
                  "verified" if verified else "unverified: the source has no checksum; MD5 recorded")
@@ -749,53 +666,3 @@ def _same_file(a: Path, b: Path) -> bool:
     return stat.S_ISREG(sb.st_mode) and (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def sweep_partials(job_dir: Path) -> int:
-    """Remove temporary files left by a killed run (never following links); return how many."""
-    removed = 0
-    for folder, dirs, files in os.walk(job_dir, followlinks=False):
-        if folder == str(job_dir) and STATE_DIR in dirs:
-            dirs.remove(STATE_DIR)
-        for name in files:
-            if name.endswith(PARTIAL_SUFFIX):
-                _unlink_quietly(Path(folder) / name)
-                removed += 1
-    return removed
-
-
-def remove_placed(job_dir: Path, items: Iterable[PlannedFile], state: StateStore) -> None:
-    """Delete files prep placed that are gone from the source; drop records of files already gone.
-
-    Only regular files inside `job_dir` are deleted, never through a symbolic link; emptied
-    folders above them are removed up to `job_dir`.
-    """
-    for item in items:
-        if item.action is Action.FORGET:
-            state.append(item.path, None)
-            continue
-        target = job_dir.joinpath(*item.path.split("/"))
-        parent = target.parent
-        real_parent = Path(os.path.realpath(parent))
-        if real_parent != parent and not (real_parent == job_dir or job_dir in real_parent.parents):
-            item.action, item.reason = Action.KEEP, "its folder is a symbolic link out of the job folder: left alone"
-            continue
-        try:
-            os.unlink(target)
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            raise _disk_error(err, target) from err
-        state.append(item.path, None)
-        log.info("removed %s (%s)", item.path, item.reason)
-        while parent != job_dir:
-            try:
-                os.rmdir(parent)
-            except OSError:
-                break
-            parent = parent.parent

@@ -23,7 +23,6 @@ Stores are safe to use from many threads at once.
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -78,6 +77,8 @@ class RunContext:
 
     def retry_delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Count a retry and return the seconds to wait before it (see `backoff`)."""
+        import random  # only a run that retries needs it
+
         with self._lock:
             self._retries += 1
         if retry_after is not None:

@@ -1,7 +1,7 @@
 """The HTTP client every remote store shares: kept-alive connections, retries, error mapping.
 
-Each thread keeps its own `http.client` connection per host (no pool lock, no per-request
-pool bookkeeping: measured leaner than urllib3 here, and a lighter import for warm re-runs).
+Each thread keeps its own connection per endpoint (wire.py: one socket and one reused buffer;
+no pool lock and no http.client, whose import alone cost a warm re-run about 15 ms).
 
 `HttpClient.request` retries 408, 429, 500, 502, 503, 504, connection failures and timeouts
 with exponential backoff and full jitter, honouring `Retry-After`, until the run's deadline;
@@ -11,24 +11,22 @@ query string (where SAS tokens live) into a message.
 
 from __future__ import annotations
 
-import email.utils
-import http.client
 import logging
 import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
-from urllib.parse import urlsplit
 
 from nodekit.errors import AccessDenied, NotFound, SourceError, TransientError
 from nodekit.redact import display_url
 from nodekit.storage import CHUNK, RunContext, Sink, SourceChanged
+from nodekit.storage.wire import Broken, Connection, Endpoint, Fields, split_url
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 _DETAIL = re.compile(rb"<AuthenticationErrorDetail>([^<]{1,300})</AuthenticationErrorDetail>")
+ERROR_BODY_MAX = 1024 * 1024  # more of an error body than this is not read
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -38,6 +36,8 @@ def retry_after_seconds(value: str | None) -> float | None:
     value = value.strip()
     if value.isdigit():
         return float(value)
+    import email.utils  # rare: not paid for by every run
+
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -45,43 +45,45 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-# What a broken connection, a timeout or a garbled response raises: all worth a retry.
-NetworkError = (OSError, http.client.HTTPException)
+# What a broken connection, a timeout or a garbled response raises: all worth a retry
+# (wire.Broken is a ConnectionError).
+NetworkError = OSError
 
 
 class Response:
     """A response whose body is read on demand; `release_conn` hands the connection back."""
 
-    def __init__(self, client: HttpClient, key: tuple[str, str, int], conn: http.client.HTTPConnection,
-                 raw: http.client.HTTPResponse) -> None:
-        self._client, self._key, self._conn, self._raw = client, key, conn, raw
-        self.status = raw.status
-        self.reason = raw.reason
-        self.headers = raw.headers
+    def __init__(self, client: HttpClient, conn: Connection, method: str, status: int, reason: str,
+                 fields: Fields) -> None:
+        self._client, self._conn, self._method = client, conn, method
+        self.status = status
+        self.reason = reason
+        self.headers = fields
         self.data = b""
+        self._done = method == "HEAD" or status in (204, 304)
 
-    def read_all(self) -> bytes:
-        self.data = self._raw.read()
+    def read_all(self, limit: int | None = None) -> bytes:
+        self.data = self._conn.read_body(self._method, self.status, self.headers, limit)
+        self._done = True
         return self.data
 
     def stream(self, amount: int) -> Iterator[bytes]:
-        while True:
-            piece = self._raw.read1(amount) if hasattr(self._raw, "read1") else self._raw.read(amount)
-            if not piece:
-                return
-            yield piece
+        """The body in pieces of at most `amount` bytes."""
+        for piece in self._conn.pieces(self._method, self.status, self.headers):
+            for i in range(0, len(piece), amount):
+                yield bytes(piece[i:i + amount])
+        self._done = True
 
     def release_conn(self) -> None:
         """Keep the connection for the next request if the body was read to its end, else close it."""
-        if self._conn is None:
+        conn = self._conn
+        if conn is None:
             return
-        raw = self._raw
-        done = raw.isclosed() or (not raw.chunked and raw.length == 0)  # read1 leaves it open at the end
-        if done and not raw.will_close:
-            raw.close()  # finished: the connection may send the next request
-            self._client._keep(self._key, self._conn)
+        if self._done and conn.reusable:
+            conn.answered += 1
+            self._client._keep(conn)
         else:
-            self._conn.close()
+            conn.close()
         self._conn = None  # type: ignore[assignment]
 
     def close(self) -> None:
@@ -106,43 +108,37 @@ class HttpClient:
         self.ctx = ctx
         self.read_timeout = read_timeout
         self._local = threading.local()
-        self._ssl: Any = None  # an ssl.SSLContext, made (and ssl imported) on the first https request
 
-    def _keep(self, key: tuple[str, str, int], conn: http.client.HTTPConnection) -> None:
-        self._local.__dict__.setdefault("conns", {})[key] = conn
-
-    def _connection(self, key: tuple[str, str, int]) -> http.client.HTTPConnection:
-        conns = self._local.__dict__.setdefault("conns", {})
-        conn = conns.pop(key, None)
-        if conn is not None:
-            return conn
-        scheme, host, port = key
-        if scheme == "https":
-            if self._ssl is None:
-                import ssl
-
-                self._ssl = ssl.create_default_context()
-            return http.client.HTTPSConnection(host, port, timeout=self.read_timeout, context=self._ssl)
-        return http.client.HTTPConnection(host, port, timeout=self.read_timeout)
+    def _keep(self, conn: Connection) -> None:
+        self._local.__dict__.setdefault("conns", {})[conn.endpoint] = conn
 
     def _send(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None) -> Response:
-        parts = urlsplit(url)
-        scheme = parts.scheme
-        key = (scheme, parts.hostname or "", parts.port or (443 if scheme == "https" else 80))
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
-        conn = self._connection(key)
         try:
-            conn.request(method, target, body=body, headers=dict(headers))
-            raw = conn.getresponse()
+            endpoint, target = split_url(url)
+        except ValueError:
+            raise SourceError(f"{display_url(url)} is not an http(s) URL.") from None
+        conns: dict[Endpoint, Connection] = self._local.__dict__.setdefault("conns", {})
+        conn = conns.pop(endpoint, None)
+        if conn is not None:  # kept alive: the server may have closed it while it was idle
+            try:
+                return self._exchange(conn, method, target, headers, body, url)
+            except Broken as err:
+                if err.started:
+                    raise
+            except OSError:
+                pass
+        return self._exchange(Connection(endpoint, self.read_timeout), method, target, headers, body, url)
+
+    def _exchange(self, conn: Connection, method: str, target: str, headers: Mapping[str, str],
+                  body: bytes | None, url: str) -> Response:
+        try:
+            conn.request(method, target, headers, body)
+            status, reason, fields = conn.head()
         except BaseException:
             conn.close()
             raise
-        if method == "HEAD":
-            raw.read()
-        log.debug("%s %s -> %s", method, display_url(url), raw.status)
-        return Response(self, key, conn, raw)
+        log.debug("%s %s -> %s", method, display_url(url), status)
+        return Response(self, conn, method, status, reason, fields)
 
     def request(
         self,
@@ -182,7 +178,7 @@ class HttpClient:
                     resp.release_conn()
                 return resp
             try:
-                body_text = resp.read_all() if method != "HEAD" else b""
+                body_text = resp.read_all(ERROR_BODY_MAX)
             except NetworkError:
                 body_text = b""
             resp.release_conn()
@@ -196,7 +192,7 @@ class HttpClient:
 
 def _error_name(err: BaseException) -> str:
     """A short, secret-free description of a network exception (never its text: it may hold a URL)."""
-    return type(err).__name__
+    return err.why if isinstance(err, Broken) else type(err).__name__
 
 
 def _permanent(resp: Response, body: bytes, status: str, what: str, url: str,

@@ -21,7 +21,6 @@ targets (which hold a SAS) are never logged or put into a Failure.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections import deque
@@ -30,19 +29,12 @@ from dataclasses import dataclass
 from itertools import count
 from typing import Any, Protocol
 
+from nodekit.storage.wire import Broken, Connection, Endpoint
+
 log = logging.getLogger(__name__)
 
-MAX_HEAD = 64 * 1024  # a response head longer than this is not a blob download
 ERROR_BODY_MAX = 1024 * 1024  # an error response body longer than this closes the connection
-BUFFER = 1024 * 1024  # each connection's receive buffer
-RANGE_LOWAT = 0  # SO_RCVLOWAT for ranged reads: 0, as 256 KiB stalled loopback transfers by seconds (measured)
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    scheme: str
-    host: str
-    port: int
+DEFAULT_DEPTH = 8  # requests in flight on one connection (--pipeline)
 
 
 @dataclass(frozen=True)
@@ -79,136 +71,6 @@ class Receiver(Protocol):
     def open(self, get: Get) -> Body: ...
 
 
-class _Broken(Exception):
-    """The connection cannot carry more requests; `started` if part of the current response arrived."""
-
-    def __init__(self, failure: Failure, started: bool) -> None:
-        super().__init__(failure.why)
-        self.failure = failure
-        self.started = started
-
-
-class _Connection:
-    """A blocking socket and a receive buffer; responses are parsed out of the buffer in place."""
-
-    def __init__(self, endpoint: Endpoint, timeout: float, ssl_context: Any) -> None:
-        sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if ssl_context is not None:
-                sock = ssl_context.wrap_socket(sock, server_hostname=endpoint.host)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-        self.buf = bytearray(BUFFER)
-        self.view = memoryview(self.buf)
-        self.lo = 0  # unread bytes are buf[lo:hi]
-        self.hi = 0
-        self.answered = 0  # responses read whole on this connection
-        self.lowat = 0
-
-    def set_lowat(self, size: int) -> None:
-        """Wake a read only when `size` bytes are there (fewer, larger reads); reads then ask for no more
-        than the body still owes, so the end of a body never waits."""
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, size)
-            self.lowat = size
-        except (OSError, AttributeError):  # pragma: no cover - a platform without it
-            pass
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def _fill(self, started: bool, want: int = 0) -> None:
-        """Read more bytes into the buffer (moving what is unread to its front first); at most `want` if given."""
-        if self.lo == self.hi:
-            self.lo = self.hi = 0
-        elif self.hi == len(self.buf):
-            n = self.hi - self.lo
-            self.buf[:n] = self.buf[self.lo:self.hi]
-            self.lo, self.hi = 0, n
-        try:
-            n = self.sock.recv_into(self.view[self.hi:self.hi + want] if want else self.view[self.hi:])
-        except TimeoutError:
-            raise _Broken(Failure("read timeout"), started) from None
-        except OSError as err:
-            raise _Broken(Failure(type(err).__name__), started) from None
-        if n == 0:
-            raise _Broken(Failure("connection closed"), started)
-        self.hi += n
-
-    def head(self) -> tuple[int, dict[str, str]]:
-        """The next response's status and headers (names in lower case)."""
-        started = False
-        while True:
-            end = self.buf.find(b"\r\n\r\n", self.lo, self.hi)
-            if end >= 0:
-                break
-            if self.hi - self.lo > MAX_HEAD:
-                raise _Broken(Failure("response head too long"), True)
-            started = started or self.hi > self.lo
-            self._fill(started)
-        lines = bytes(self.view[self.lo:end]).decode("latin-1").split("\r\n")
-        self.lo = end + 4
-        parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise _Broken(Failure("not an HTTP/1.1 response"), True)
-        fields: dict[str, str] = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            fields[name.strip().lower()] = value.strip()
-        return int(parts[1]), fields
-
-    def body(self, length: int, out: Callable[[memoryview], None]) -> None:
-        """Hand the next `length` bytes to `out`, in pieces (each valid only during the call)."""
-        while length:
-            if self.lo == self.hi:
-                self._fill(True, length if self.lowat else 0)
-            take = min(length, self.hi - self.lo)
-            out(self.view[self.lo:self.lo + take])
-            self.lo += take
-            length -= take
-
-    def skip_body(self, fields: dict[str, str]) -> None:
-        """Read past a (small) response body, chunked or not; _Broken if that is not possible."""
-        if "chunked" in fields.get("transfer-encoding", "").lower():
-            total = 0
-            while True:
-                size_line = self._line()
-                try:
-                    size = int(size_line.split(";", 1)[0].strip(), 16)
-                except ValueError:
-                    raise _Broken(Failure("bad chunked body"), True) from None
-                total += size
-                if total > ERROR_BODY_MAX:
-                    raise _Broken(Failure("error body too long"), True)
-                if size == 0:
-                    while self._line():  # trailers, up to the empty line
-                        pass
-                    return
-                self.body(size, _ignore)
-                self._line()
-        length = fields.get("content-length", "0")
-        if not length.isdigit() or int(length) > ERROR_BODY_MAX:
-            raise _Broken(Failure("error body of unknown or large length"), True)
-        self.body(int(length), _ignore)
-
-    def _line(self) -> str:
-        while True:
-            end = self.buf.find(b"\r\n", self.lo, self.hi)
-            if end >= 0:
-                line = bytes(self.view[self.lo:end]).decode("latin-1")
-                self.lo = end + 2
-                return line
-            if self.hi - self.lo > MAX_HEAD:
-                raise _Broken(Failure("bad chunked body"), True)
-            self._fill(True)
-
-
 def _ignore(_: memoryview) -> None:
     return None
 
@@ -229,8 +91,7 @@ class _Run:
         self.ssl_context = ssl_context
         self.lock = threading.Lock()  # around on_fallback and the depth change
         self.ids = count()
-        host = endpoint.host if ":" not in endpoint.host else f"[{endpoint.host}]"
-        self.host = host if endpoint.port in (80, 443) else f"{host}:{endpoint.port}"
+        self.host = endpoint.host_header
         self.token = f"nodekit-{time.time_ns():x}"
         self.errors: list[Exception] = []
 
@@ -253,7 +114,7 @@ class _Run:
             self.stop.set()
 
     def _work(self) -> None:
-        conn: _Connection | None = None
+        conn: Connection | None = None
         inflight: deque[tuple[Get, str]] = deque()
         resume = 0.0  # no new request before this monotonic time (a backoff after a failure)
         try:
@@ -262,7 +123,7 @@ class _Run:
                     if not self.queue:
                         return
                     try:
-                        conn = _Connection(self.endpoint, self.read_timeout, self.ssl_context)
+                        conn = Connection(self.endpoint, self.read_timeout, self.ssl_context)
                     except OSError as err:
                         get = self._pop()
                         if get is None:
@@ -278,11 +139,11 @@ class _Run:
                     continue
                 try:
                     pause, close = self._receive(conn, *inflight[0])
-                except _Broken as err:
+                except Broken as err:
                     conn.close()
                     get, _ = inflight.popleft()
                     if err.started or conn.answered == 0:
-                        resume = time.monotonic() + self.fallback(get, err.failure)
+                        resume = time.monotonic() + self.fallback(get, Failure(err.why))
                     else:
                         self.queue.appendleft(get)  # closed between responses (idle or a server's limit)
                     conn = None
@@ -314,7 +175,7 @@ class _Run:
         while inflight:
             self.queue.appendleft(inflight.pop()[0])
 
-    def _send_more(self, conn: _Connection, inflight: deque[tuple[Get, str]]) -> None:
+    def _send_more(self, conn: Connection, inflight: deque[tuple[Get, str]]) -> None:
         batch = []
         while len(inflight) < self.depth:
             get = self._pop()
@@ -329,13 +190,15 @@ class _Run:
             except OSError:
                 pass  # the connection is gone: the next read says so, and the requests are sent again
 
-    def _receive(self, conn: _Connection, get: Get, rid: str) -> tuple[float, bool]:
+    def _receive(self, conn: Connection, get: Get, rid: str) -> tuple[float, bool]:
         """Read one response: (seconds to wait before sending more, whether the server closes now)."""
-        status, fields = conn.head()
-        closing = fields.get("connection", "").lower() == "close"
+        status, _, fields = conn.head()
         if status != 200:
-            conn.skip_body(fields)
-            return self.fallback(get, Failure(f"status {status}", status, fields.get("retry-after"))), closing
+            for _ in conn.pieces("GET", status, fields, ERROR_BODY_MAX):  # read past it, keeping the connection
+                pass
+            failure = Failure(f"status {status}", status, fields.get("retry-after"))
+            return self.fallback(get, failure), not conn.reusable
+        closing = not conn.reusable
         echoed = fields.get("x-ms-client-request-id")
         if echoed is not None and echoed != rid:
             with self.lock:
@@ -343,13 +206,13 @@ class _Run:
                     log.warning("the storage endpoint answered pipelined requests out of order: "
                                 "pipelining is off for the rest of this run")
                 self.depth = 1
-            raise _Broken(Failure("response for another request"), True)
+            raise Broken("response for another request", True)
         length = fields.get("content-length", "")
         if "transfer-encoding" in fields or not length.isdigit():
-            raise _Broken(Failure("body without a length"), True)
+            raise Broken("body without a length", True)
         if int(length) != get.size:
             if int(length) > ERROR_BODY_MAX:
-                raise _Broken(Failure("unexpected length"), True)
+                raise Broken("unexpected length", True)
             conn.body(int(length), _ignore)
             return self.fallback(get, Failure("unexpected length", status)), closing
         body = self.receiver.open(get)
@@ -377,12 +240,7 @@ def fetch_pipelined(endpoint: Endpoint, gets: list[Get], *, connections: int, de
     """
     if not gets:
         return
-    if endpoint.scheme == "https" and ssl_context is None:
-        import ssl
-
-        ssl_context = ssl.create_default_context()
-    run = _Run(endpoint, gets, max(1, depth), read_timeout, receiver, on_fallback, stop,
-               ssl_context if endpoint.scheme == "https" else None)
+    run = _Run(endpoint, gets, max(1, depth), read_timeout, receiver, on_fallback, stop, ssl_context)
     n = max(1, min(connections, (len(gets) + depth - 1) // max(1, depth)))
     threads = [threading.Thread(target=run.worker, name=f"nodekit-get-{i}", daemon=True) for i in range(n)]
     for t in threads:
@@ -409,7 +267,7 @@ class RangeReader:
     def read(self, endpoint: Endpoint, target: str, headers: Mapping[str, str], start: int, length: int,
              out: Callable[[memoryview], None]) -> tuple[int, Failure | None]:
         """Stream bytes [start, start+length) of `target` to `out`: (bytes delivered, None or why it stopped)."""
-        conns: dict[Endpoint, _Connection] = self._local.__dict__.setdefault("conns", {})
+        conns: dict[Endpoint, Connection] = self._local.__dict__.setdefault("conns", {})
         conn = conns.pop(endpoint, None)
         delivered = 0
 
@@ -420,20 +278,9 @@ class RangeReader:
 
         try:
             if conn is None:
-                if endpoint.scheme == "https" and self.ssl_context is None:
-                    import ssl
-
-                    self.ssl_context = ssl.create_default_context()
-                conn = _Connection(endpoint, self.read_timeout,
-                                   self.ssl_context if endpoint.scheme == "https" else None)
-                if RANGE_LOWAT:
-                    conn.set_lowat(RANGE_LOWAT)
-            host = endpoint.host if ":" not in endpoint.host else f"[{endpoint.host}]"
-            host = host if endpoint.port in (80, 443) else f"{host}:{endpoint.port}"
-            lines = [f"GET {target} HTTP/1.1", f"Host: {host}", f"Range: bytes={start}-{start + length - 1}"]
-            lines += [f"{k}: {v}" for k, v in headers.items()]
-            conn.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-            status, fields = conn.head()
+                conn = Connection(endpoint, self.read_timeout, self.ssl_context)
+            conn.request("GET", target, {**headers, "Range": f"bytes={start}-{start + length - 1}"})
+            status, _, fields = conn.head()
             if status != 206:
                 conn.close()
                 return 0, Failure(f"status {status}", status, fields.get("retry-after"))
@@ -441,21 +288,21 @@ class RangeReader:
                 conn.close()
                 return 0, Failure("unexpected length")
             conn.body(length, counted)
+        except Broken as err:
+            conn.close()  # type: ignore[union-attr]
+            return delivered, Failure(err.why)
         except OSError as err:
             if conn is not None:
                 conn.close()
             return delivered, Failure(f"connect: {type(err).__name__}")
-        except _Broken as err:
-            conn.close()  # type: ignore[union-attr]
-            return delivered, err.failure
         except BaseException:
             if conn is not None:
                 conn.close()
             raise
-        if fields.get("connection", "").lower() == "close":
-            conn.close()
-        else:
+        if conn.reusable:
             conns[endpoint] = conn
+        else:
+            conn.close()
         return delivered, None
 
     def close(self) -> None:
