@@ -2,10 +2,13 @@
 
 Contract of every `Store` (the same test suite runs against each implementation):
 
-- `list_files()` returns every file under the source's root, names relative to it and
-  '/'-separated, in one pass. A root that does not exist raises NotFound; a refused
-  credential raises AccessDenied; storage that keeps failing raises TransientError once
-  the run's deadline is reached. An existing but empty root returns [].
+- `list_files(on_batch=None)` returns every file under the source's root, names relative to
+  it and '/'-separated, in one pass. If `on_batch` is given it is also called with the files
+  in batches as they are found (perhaps from other threads, never at once), all of them
+  before `list_files` returns: a caller can work on a large listing while it is still coming.
+  A root that does not exist raises NotFound; a refused credential raises AccessDenied;
+  storage that keeps failing raises TransientError once the run's deadline is reached. An
+  existing but empty root returns [].
 - `fetch(file, start, length, sink)` calls `sink` with the bytes [start, start+length) of
   `file`, in order, each byte exactly once, in pieces of at most 1 MiB. Transient failures are
   retried and resumed from the last byte delivered. If the file changed since it was listed,
@@ -113,7 +116,7 @@ class Store(Protocol):
     display: str  # safe to print: no secrets
     credential_kind: str  # how it authenticates, e.g. "SAS token in the URL" (never the value)
 
-    def list_files(self) -> list[RemoteFile]: ...
+    def list_files(self, on_batch: Callable[[list[RemoteFile]], None] | None = None) -> list[RemoteFile]: ...
 
     def fetch(self, file: RemoteFile, start: int, length: int, sink: Sink) -> None: ...
 

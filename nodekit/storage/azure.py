@@ -9,14 +9,12 @@ it is read fails with SourceChanged instead of mixing two versions.
 
 from __future__ import annotations
 
-import base64
 import binascii
-import hashlib
 import logging
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from urllib.parse import parse_qs, quote, unquote
 
@@ -168,8 +166,12 @@ class AzureBlobStore:
     def _headers(self) -> dict[str, str]:
         return {"x-ms-version": API_VERSION, **self.auth.headers()}
 
-    def _page(self, prefix: str, marker: str, delimiter: str) -> tuple[list[tuple[str, RemoteFile]], list[str], str]:
-        """One page of a listing: (blobs, sub-prefixes when `delimiter` is given, next marker or '')."""
+    def _page(self, prefix: str, marker: str, delimiter: str,
+              strip: int = 0) -> tuple[list[tuple[str, RemoteFile]], list[str], str]:
+        """One page of a listing: (blobs, sub-prefixes when `delimiter` is given, next marker or '').
+
+        Each blob comes as (full name, RemoteFile named without its first `strip` characters).
+        """
         params = f"restype=container&comp=list&maxresults=5000&prefix={quote(prefix, safe='')}"
         if delimiter:
             params += f"&delimiter={quote(delimiter, safe='')}"
@@ -177,40 +179,40 @@ class AzureBlobStore:
             params += f"&marker={quote(marker, safe='')}"
         resp = self.http.request("GET", self._url("", params), self._headers(),
                                  what=f"listing {self.display}", credential_kind=self.credential_kind)
-        return parse_listing(resp.data, f"listing {self.display}")
+        return parse_listing(resp.data, f"listing {self.display}", strip)
 
-    def _list(self, prefix: str) -> list[tuple[str, RemoteFile]]:
+    def _list(self, prefix: str, strip: int = 0) -> list[tuple[str, RemoteFile]]:
         """Every blob under `prefix`, one page after another."""
         found: list[tuple[str, RemoteFile]] = []
         marker = ""
         while True:
-            page, _, marker = self._page(prefix, marker, "")
+            page, _, marker = self._page(prefix, marker, "", strip)
             found += page
             if not marker:
                 return found
 
-    def _visit(self, prefix: str, depth: int) -> tuple[list[tuple[str, RemoteFile]], list[str]]:
+    def _visit(self, prefix: str, depth: int, strip: int) -> tuple[list[tuple[str, RemoteFile]], list[str]]:
         """The blobs directly in the folder `prefix` and its sub-folders; deep or crowded folders whole."""
         if depth >= FANOUT_DEPTH:
-            return self._list(prefix), []
-        blobs, prefixes, marker = self._page(prefix, "", "/")
+            return self._list(prefix, strip), []
+        blobs, prefixes, marker = self._page(prefix, "", "/", strip)
         if marker or len(prefixes) > FANOUT_MAX:
-            return self._list(prefix), []
+            return self._list(prefix, strip), []
         return blobs, prefixes
 
-    def _walk(self, base: str) -> list[tuple[str, RemoteFile]]:
+    def _walk(self, base: str, emit: Callable[[list[RemoteFile]], None]) -> None:
         """Every blob under `base`, its top folders listed side by side.
 
         A flat listing is one page of 5,000 after another; listing the first levels of folders
         side by side lets the parsing of one overlap the service's work on the next (and uses
         more than one server on Azure). Folders with over FANOUT_MAX sub-folders, more than one
         page of entries, or below FANOUT_DEPTH are listed flat, which bounds the request count.
-        Plain threads and a queue: concurrent.futures cost a warm re-run its import.
+        Plain threads and a queue: concurrent.futures cost a warm re-run its import. Each folder's
+        blobs go to `emit` (named relative to `base`) from the thread that listed them.
         """
         import queue
 
         tasks: queue.SimpleQueue[tuple[str, int] | None] = queue.SimpleQueue()
-        found: list[tuple[str, RemoteFile]] = []
         errors: list[BaseException] = []
         lock = threading.Lock()
         pending = 1
@@ -222,12 +224,13 @@ class AzureBlobStore:
             while (task := tasks.get()) is not None:
                 prefix, depth = task
                 try:
-                    blobs, prefixes = ([], []) if errors else self._visit(prefix, depth)
+                    blobs, prefixes = ([], []) if errors else self._visit(prefix, depth, len(base))
+                    if blobs:
+                        emit([f for _, f in blobs])
                 except BaseException as err:  # handed to the caller, which raises it
-                    blobs, prefixes = [], []
+                    prefixes = []
                     errors.append(err)
                 with lock:
-                    found.extend(blobs)
                     pending += len(prefixes) - 1
                     for p in prefixes:
                         tasks.put((p, depth + 1))
@@ -242,16 +245,24 @@ class AzureBlobStore:
             tasks.put(None)
         if errors:
             raise errors[0]
-        return found
 
-    def list_files(self) -> list[RemoteFile]:
+    def list_files(self, on_batch: Callable[[list[RemoteFile]], None] | None = None) -> list[RemoteFile]:
         """Blobs under the prefix, names relative to it; if the prefix is one blob, that blob."""
-        files = [_rename(f, name[len(self._base):]) for name, f in self._walk(self._base)]
+        files: list[RemoteFile] = []
+        lock = threading.Lock()
+
+        def emit(batch: list[RemoteFile]) -> None:
+            with lock:
+                files.extend(batch)
+                if on_batch is not None:
+                    on_batch(batch)
+
+        self._walk(self._base, emit)
         if not files and self.loc.prefix:
             for name, f in self._list(self.loc.prefix):
                 if name == self.loc.prefix:
                     self._base = self.loc.prefix.rsplit("/", 1)[0] + "/" if "/" in self.loc.prefix else ""
-                    return [_rename(f, name[len(self._base):])]
+                    emit([_rename(f, name[len(self._base):])])
         return files
 
     def supports_ranges(self, file: RemoteFile) -> bool:
@@ -298,6 +309,9 @@ class AzureBlobStore:
         Each block carries its own Content-MD5 (the service checks it); the commit sets the blob's
         Content-MD5. Uncommitted blocks of an interrupted upload are never visible as the blob.
         """
+        import base64
+        import hashlib  # release's, not a warm prep's, cost
+
         digest = hashlib.md5()
         size = 0
         ids: list[str] = []
@@ -394,8 +408,8 @@ def _decoded(found: tuple[bytes, bytes]) -> str:
     return unquote(name) if b'Encoded="true"' in attrs else name
 
 
-def parse_listing(data: bytes, what: str) -> tuple[list[tuple[str, RemoteFile]], list[str], str]:
-    """(blobs, prefixes, next marker) of one List Blobs response.
+def parse_listing(data: bytes, what: str, strip: int = 0) -> tuple[list[tuple[str, RemoteFile]], list[str], str]:
+    """(blobs, prefixes, next marker) of one List Blobs response; blob names lose their first `strip` characters.
 
     A scan with bytes.find, not an XML parser: the service writes this document in one fixed
     shape, and the scan is faster than ElementTree (and saves importing it) — a warm re-run of
@@ -433,7 +447,7 @@ def parse_listing(data: bytes, what: str) -> tuple[list[tuple[str, RemoteFile]],
         md5 = _element(data, b"Content-MD5", blob, end)
         path = _decoded(name)
         found.append((path, RemoteFile(
-            name=path,
+            name=path[strip:] if strip else path,
             size=int(size[1] or 0) if size else 0,
             etag=_text(etag[1]).strip('"') if etag else "",
             last_modified=_text(modified[1]) if modified else "",

@@ -6,7 +6,7 @@ import base64
 import hashlib
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,7 +34,13 @@ class LocalStore:
     def _path(self, name: str) -> Path:
         return self.root if self._single == name else self.root / name
 
-    def list_files(self) -> list[RemoteFile]:
+    def list_files(self, on_batch: Callable[[list[RemoteFile]], None] | None = None) -> list[RemoteFile]:
+        files = self._list()
+        if on_batch is not None:
+            on_batch(files)
+        return files
+
+    def _list(self) -> list[RemoteFile]:
         try:
             st = self.root.stat()
         except FileNotFoundError:

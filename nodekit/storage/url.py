@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
 
 from nodekit.redact import display_url
@@ -22,7 +23,13 @@ class UrlStore:
         if "sig=" in (urlsplit(url).query or ""):
             self.credential_kind = "SAS token in the URL"
 
-    def list_files(self) -> list[RemoteFile]:
+    def list_files(self, on_batch: Callable[[list[RemoteFile]], None] | None = None) -> list[RemoteFile]:
+        files = self._list()
+        if on_batch is not None:
+            on_batch(files)
+        return files
+
+    def _list(self) -> list[RemoteFile]:
         resp = self.http.request("HEAD", self.url, {}, what=f"checking {self.display}",
                                  credential_kind=self.credential_kind)
         h = resp.headers
