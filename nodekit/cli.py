@@ -296,6 +296,7 @@ def release_command(upload_to: str | None, spec_path: str | None, logs: tuple[st
 @click.option("--purge-cache", is_flag=True, default=None, help="release --purge-cache.")
 @click.option("--no-cache", is_flag=True, default=None, help="prep --no-cache.")
 @click.option("--cache-max-size", metavar="SIZE", help="prep --cache-max-size.")
+@click.option("--md5", type=click.Choice(["all", "source"]), help="prep --md5.")
 @click.option("--identity-client-id", metavar="ID",
               help="The pool's user-assigned managed identity: how prep and release authenticate.")
 @click.option("--install", metavar="REQUIREMENT", default=None,
@@ -315,7 +316,7 @@ def cmdline_command(sources: tuple[str, ...], spec_path: str | None, target_os: 
                     job_id: str | None, pool_id: str | None, upload_to: str | None, include: tuple[str, ...],
                     exclude: tuple[str, ...], timeout: float | None, logs: tuple[str, ...], dumps: tuple[str, ...],
                     deadline: float | None, wipe_task_dirs: bool | None, wipe_on_upload_failure: bool | None,
-                    purge_cache: bool | None, no_cache: bool | None, cache_max_size: str | None,
+                    purge_cache: bool | None, no_cache: bool | None, cache_max_size: str | None, md5: str | None,
                     identity_client_id: str | None, install: str | None, wheel_url: str | None,
                     template_path: str | None, prep_retries: int, release_max_wall_clock: float | None,
                     retention: float | None, env_pairs: tuple[str, ...]) -> None:
@@ -364,6 +365,7 @@ def cmdline_command(sources: tuple[str, ...], spec_path: str | None, target_os: 
         prep_timeout=timeout or spec.prep.timeout or 3600.0, concurrency=spec.prep.concurrency,
         cache=not (no_cache if no_cache is not None else not spec.prep.cache),
         cache_max_size=cache_max_size or spec.prep.cache_max_size,
+        md5=md5 or spec.prep.md5, pipeline=spec.prep.pipeline,
         release=release, identity_client_id=identity_client_id, os=target_os,
         wheel_url=wheel_url, prep_retries=prep_retries, retention=retention, env=tuple(pairs),
         **({"install": install} if install else {}),

@@ -65,6 +65,8 @@ class Description:
     env: tuple[tuple[str, str], ...] = field(default=())
     cache: bool = True
     cache_max_size: str | None = None
+    md5: str | None = None  # prep --md5 (None: prep's default)
+    pipeline: int | None = None  # prep --pipeline (None: prep's default)
 
 
 def iso_duration(seconds: float) -> str:
@@ -148,6 +150,10 @@ def prep_args(desc: Description) -> list[str]:
     args += ["--timeout", f"{int(desc.prep_timeout)}"]
     if desc.concurrency:
         args += ["--concurrency", str(desc.concurrency)]
+    if desc.pipeline:
+        args += ["--pipeline", str(desc.pipeline)]
+    if desc.md5:
+        args += ["--md5", desc.md5]
     if not desc.cache:
         args.append("--no-cache")
     elif desc.cache_max_size:
