@@ -1,10 +1,13 @@
 """nodekit prep against rclone and AzCopy, side by side, on the same data in Azurite.
 
 Run `bash bench/setup.sh` once, then `.bench/venv/bin/python bench/prep_bench.py`. For each
-dataset it loads the blobs into a fresh Azurite, then for several rounds (the tools alternating
-within each round) runs every tool cold (empty destination) and warm (nothing changed), and
-prints the median wall time, the peak memory (max RSS of the process tree, from wait4) and
-nodekit's ratio to each peer. The table is written to bench/results-prep.md. Not run in CI.
+dataset it loads the blobs into a fresh Azurite, then for several rounds (the tools' order
+rotating from round to round) runs every tool cold (empty destination, no node cache) and warm
+(nothing changed), and prints the median wall time, the peak memory (GNU time's max RSS), the
+CPU the tool and the emulator spent, and nodekit's ratio to each peer. Destinations live on a
+journalled ext4 scratch file system, and each cold run starts after the same memory primer
+(bench/scratch.py says why). nodekit also runs with `--md5 source` on the datasets whose large
+blobs have no Content-MD5. The table is written to bench/results-prep.md. Not run in CI.
 """
 
 from __future__ import annotations
@@ -19,20 +22,24 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from azurite import DEV_ACCOUNT, DEV_KEY, start_azurite, stop_process  # noqa: E402
+from scratch import prime, scratch  # noqa: E402
 
 BENCH = ROOT / ".bench"
 RCLONE = BENCH / "venv" / "bin" / "rclone"
 NODEKIT = BENCH / "venv" / "bin" / "nodekit"
 AZCOPY = BENCH / "npm" / "node_modules" / "@azure-tools" / "azcopy-linux" / "dist" / "bin" / "azcopy_linux_amd64"
 KIB, MIB = 1024, 1024 * 1024
+TOOLS = ("nodekit", "nodekit-md5src", "rclone", "azcopy")
+LABEL = {"nodekit": "nodekit", "nodekit-md5src": "nodekit --md5 source", "rclone": "rclone", "azcopy": "AzCopy"}
 
 
 @dataclass
@@ -53,6 +60,10 @@ class Dataset:
         if self.big_count:
             parts.append(f"{self.big_count} × {_h(self.big_size)}")
         return " + ".join(parts)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.small_count * (self.small_min + self.small_max) // 2 + self.big_count * self.big_size
 
 
 def _h(n: int) -> str:
@@ -88,65 +99,111 @@ def load(container_client: object, ds: Dataset, conn: str, container: str) -> No
         blob.upload_blob(gen(), length=ds.big_size, overwrite=True, max_concurrency=4)
 
 
-def run(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS in MiB, exit code) of `cmd`, measured by GNU time.
+@dataclass
+class Sample:
+    wall: float
+    rss_mib: int
+    cpu: float  # the tool's user + system seconds
+    emulator_cpu: float  # Azurite's user + system seconds during the run
+
+
+@dataclass
+class Results:
+    samples: dict[tuple[str, str], list[Sample]] = field(default_factory=dict)
+
+    def add(self, tool: str, phase: str, sample: Sample) -> None:
+        self.samples.setdefault((tool, phase), []).append(sample)
+
+    def median(self, tool: str, phase: str, attr: str = "wall") -> float | None:
+        got = self.samples.get((tool, phase))
+        return statistics.median(getattr(s, attr) for s in got) if got else None
+
+    def peak(self, tool: str, phase: str) -> int | None:
+        got = self.samples.get((tool, phase))
+        return max(s.rss_mib for s in got) if got else None
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(cmd: list[str], env: dict[str, str], emulator_pid: int) -> Sample:
+    """Run `cmd` under GNU time: wall seconds, peak RSS, CPU of the tool and of the emulator.
 
     Not wait4 on a child of ours: a forked Python child carries this process's own RSS until it
     execs, which would count as the tool's peak.
     """
-    with tempfile.NamedTemporaryFile(suffix=".rss") as rss_file:
+    with tempfile.NamedTemporaryFile(suffix=".time") as out:
+        before = _cpu_seconds(emulator_pid)
         start = time.perf_counter()
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss_file.name, *cmd], env=env,
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", out.name, *cmd], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wall = time.perf_counter() - start
+        emulator = _cpu_seconds(emulator_pid) - before
         if proc.returncode != 0:
             raise RuntimeError(f"{cmd[0]} exited {proc.returncode}: {proc.stderr.decode(errors='replace')[-2000:]}")
-        rss_kib = int(Path(rss_file.name).read_text().split()[-1])
-    return wall, rss_kib // 1024, proc.returncode
+        rss_kib, user, system = Path(out.name).read_text().split()[-3:]
+    return Sample(wall, int(rss_kib) // 1024, float(user) + float(system), emulator)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--warm-runs", type=int, default=3, help="warm runs after each cold run (each one a sample)")
     ap.add_argument("--datasets", default="small,large,mixed")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every file count and big size")
+    ap.add_argument("--small-count", type=int, help="the mixed dataset's small files (default 10,000)")
+    ap.add_argument("--big-size-mib", type=int, help="the mixed dataset's big blobs (default 512 MiB)")
     ap.add_argument("--concurrency", type=int, default=None, help="nodekit --concurrency (default: its own)")
+    ap.add_argument("--tools", default=",".join(TOOLS))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results-prep.md"))
-    ap.add_argument("--tools", default="nodekit,rclone,azcopy")
     args = ap.parse_args()
-    for tool in (NODEKIT, RCLONE, AZCOPY):
-        if not tool.exists():
-            sys.exit(f"{tool} is missing: run bash bench/setup.sh first")
+    tools = [t for t in args.tools.split(",") if t]
+    for tool in tools:
+        binary = {"rclone": RCLONE, "azcopy": AZCOPY}.get(tool, NODEKIT)
+        if not binary.exists():
+            sys.exit(f"{binary} is missing: run bash bench/setup.sh first")
 
     s = args.scale
     all_sets = {
         "small": Dataset("small", int(2000 * s), 64 * KIB, 64 * KIB, 0, 0),
         "large": Dataset("large", 0, 0, 0, 4, int(256 * MIB * s)),
-        "mixed": Dataset("mixed", int(10000 * s), 1 * KIB, 64 * KIB, 2, int(512 * MIB * s)),
+        "mixed": Dataset("mixed", args.small_count or int(10000 * s), 1 * KIB, 64 * KIB, 2,
+                         (args.big_size_mib * MIB) if args.big_size_mib else int(512 * MIB * s)),
         "warm10k": Dataset("warm10k", int(10000 * s), 1 * KIB, 4 * KIB, 0, 0),
     }
-    tools = args.tools.split(",")
+    base = scratch()
     rows: list[str] = []
     for name in args.datasets.split(","):
         ds = all_sets[name]
         server, proc = start_azurite()
-        scratch = Path(tempfile.mkdtemp(prefix=f"nodekit-bench-{name}-"))
+        work = base / f"prep-bench-{name}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
         try:
-            rows += bench_dataset(ds, server, scratch, tools, args)
+            results = bench_dataset(ds, server, proc.pid, work, tools, args)
         finally:
             stop_process(proc)
-            shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
+        rows += table_rows(ds, results, tools)
     header = [
         f"Measured {datetime.now(timezone.utc):%Y-%m-%d} on {os.cpu_count()} cores, "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 1024**3} GiB, {platform.platform()}; "
-        f"Azurite 3.35 in memory on loopback; nodekit {_version([str(NODEKIT), '--version'])}, "
-        f"{_version([str(RCLONE), 'version'])}, AzCopy {_version([str(AZCOPY), '--version']).split()[-1]}; "
-        f"median of {args.rounds} rounds, tools alternating. Reproduce: `bash bench/setup.sh && "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 1024**3} GiB, {platform.platform()}, "
+        f"Python {platform.python_version()}; Azurite 3.35 in memory on loopback; "
+        f"{_version([str(NODEKIT), '--version'])}, {_version([str(RCLONE), 'version'])} "
+        f"(--transfers 16 --checkers 16), AzCopy {_version([str(AZCOPY), '--version']).split()[-1]}; "
+        f"destinations on {'a journalled ext4 (loop)' if base.name == 'mnt' else base}; "
+        f"median of {args.rounds} rounds (warm: {args.warm_runs} runs a round), the tools' order rotating. "
+        f"Reproduce: `bash bench/setup.sh && "
         f".bench/venv/bin/python bench/prep_bench.py`.",
         "",
-        "| dataset | run | nodekit | rclone | AzCopy | nodekit / rclone | nodekit / AzCopy "
-        "| peak MiB nodekit / rclone / AzCopy |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| dataset | run | nodekit | nodekit --md5 source | rclone | AzCopy | nodekit / rclone | nodekit / AzCopy "
+        "| --md5 source / rclone | peak MiB nodekit / rclone / AzCopy | CPU s nodekit / rclone / AzCopy "
+        "| Azurite CPU s nodekit / rclone / AzCopy |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     table = "\n".join(header + rows) + "\n"
     print(table)
@@ -160,7 +217,8 @@ def _version(cmd: list[str]) -> str:
         return "?"
 
 
-def bench_dataset(ds: Dataset, server: object, scratch: Path, tools: list[str], args: argparse.Namespace) -> list[str]:
+def bench_dataset(ds: Dataset, server: object, emulator_pid: int, work: Path, tools: list[str],
+                  args: argparse.Namespace) -> Results:
     from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, generate_container_sas
 
     conn = server.connection_string  # type: ignore[attr-defined]
@@ -174,57 +232,79 @@ def bench_dataset(ds: Dataset, server: object, scratch: Path, tools: list[str], 
     sas = generate_container_sas(DEV_ACCOUNT, container, account_key=DEV_KEY,
                                  permission=ContainerSasPermissions(read=True, list=True),
                                  expiry=datetime.now(timezone.utc) + timedelta(hours=6))
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("AZ_BATCH_", "AZURE_", "RCLONE_"))}
-    (scratch / "azcopy-logs").mkdir()
-    (scratch / "azcopy-plans").mkdir()
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("AZ_BATCH_", "AZURE_", "RCLONE_", "NODEKIT_"))}
+    (work / "azcopy-logs").mkdir()
+    (work / "azcopy-plans").mkdir()
     conc = ["--concurrency", str(args.concurrency)] if args.concurrency else []
-    commands = {
-        "nodekit": lambda dest, warm: ([str(NODEKIT), "prep", f"data={endpoint}/{container}?{sas}", "--dest", str(dest),
-                                        "--shared-dir", str(scratch), "--progress-interval", "0", *conc], base_env),
-        "rclone": lambda dest, warm: ([str(RCLONE), "copy", f"az:{container}", str(dest / "data"), "--transfers", "16",
-                                       "--checkers", "16"],
-                                      {**base_env, "RCLONE_CONFIG_AZ_TYPE": "azureblob",
-                                       "RCLONE_CONFIG_AZ_USE_EMULATOR": "true",
-                                       "RCLONE_CONFIG_AZ_ENDPOINT": endpoint}),
-        "azcopy": lambda dest, warm: (
-            [str(AZCOPY), "sync", f"{endpoint}/{container}?{sas}", str(dest / "data"), "--from-to=BlobLocal",
-             "--recursive", "--log-level=ERROR"] if warm else
-            [str(AZCOPY), "copy", f"{endpoint}/{container}/*?{sas}", str(dest / "data"), "--from-to=BlobLocal",
-             "--recursive", "--log-level=ERROR"],
-            {**base_env, "AZCOPY_LOG_LOCATION": str(scratch / "azcopy-logs"),
-             "AZCOPY_JOB_PLAN_LOCATION": str(scratch / "azcopy-plans")}),
-    }
-    results: dict[tuple[str, str], list[tuple[float, int]]] = {}
+
+    def nodekit(shared: Path, extra: list[str]) -> tuple[list[str], dict[str, str]]:
+        return ([str(NODEKIT), "prep", f"data={endpoint}/{container}?{sas}", "--dest", str(shared / "dest"),
+                 "--shared-dir", str(shared), "--progress-interval", "0", *conc, *extra], base_env)
+
+    def command(tool: str, shared: Path, warm: bool) -> tuple[list[str], dict[str, str]]:
+        dest = shared / "dest" / "data"
+        if tool == "nodekit":
+            return nodekit(shared, [])
+        if tool == "nodekit-md5src":
+            return nodekit(shared, ["--md5", "source"])
+        if tool == "rclone":
+            return ([str(RCLONE), "copy", f"az:{container}", str(dest), "--transfers", "16", "--checkers", "16"],
+                    {**base_env, "RCLONE_CONFIG_AZ_TYPE": "azureblob", "RCLONE_CONFIG_AZ_USE_EMULATOR": "true",
+                     "RCLONE_CONFIG_AZ_ENDPOINT": endpoint})
+        azenv = {**base_env, "AZCOPY_LOG_LOCATION": str(work / "azcopy-logs"),
+                 "AZCOPY_JOB_PLAN_LOCATION": str(work / "azcopy-plans")}
+        if warm:
+            return ([str(AZCOPY), "sync", f"{endpoint}/{container}?{sas}", str(dest), "--from-to=BlobLocal",
+                     "--recursive", "--log-level=ERROR"], azenv)
+        return ([str(AZCOPY), "copy", f"{endpoint}/{container}/*?{sas}", str(dest), "--from-to=BlobLocal",
+                 "--recursive", "--log-level=ERROR"], azenv)
+
+    # --md5 source changes nothing where every blob has a Content-MD5, nor on a warm run
+    active = [t for t in tools if t != "nodekit-md5src" or ds.big_count]
+    results = Results()
+    primer = int(ds.total_bytes * 1.2 / MIB) + 64
+    warmup = work / "warm-up"  # the emulator's first requests are slow (its JIT): paid by nobody's timing
+    (warmup / "dest").mkdir(parents=True)
+    subprocess.run(nodekit(warmup, ["--no-cache"])[0], env=base_env, stdout=subprocess.DEVNULL, check=True)
+    shutil.rmtree(warmup)
     for r in range(args.rounds):
-        order = tools[r % len(tools):] + tools[: r % len(tools)]
+        order = active[r % len(active):] + active[: r % len(active)]
         for tool in order:
-            dest = scratch / f"dest-{tool}"
-            shutil.rmtree(dest, ignore_errors=True)
-            (dest / "data").mkdir(parents=True)
-            shutil.rmtree(scratch / ".nodekit-cache", ignore_errors=True)  # cold means a new node: no cache
-            for phase in ("cold", "warm"):
-                cmd, env = commands[tool](dest, phase == "warm")
-                wall, rss, _ = run(cmd, env)
-                results.setdefault((tool, phase), []).append((wall, rss))
-                print(f"[{ds.name}] round {r + 1} {tool:8} {phase}: {wall:7.2f} s, {rss} MiB", file=sys.stderr)
-            shutil.rmtree(dest, ignore_errors=True)
+            shared = work / tool
+            shutil.rmtree(shared, ignore_errors=True)  # the last round's data and node cache: a new node
+            (shared / "dest" / "data").mkdir(parents=True)
+            prime(work, primer)
+            phases = ["cold"] if tool == "nodekit-md5src" else ["cold"] + ["warm"] * args.warm_runs
+            for i, phase in enumerate(phases):
+                if phase == "warm" and i == 1:
+                    time.sleep(1.0)  # let the emulator finish collecting the cold run's garbage
+                cmd, env = command(tool, shared, phase == "warm")
+                sample = run(cmd, env, emulator_pid)
+                results.add(tool, phase, sample)
+                print(f"[{ds.name}] round {r + 1} {tool:15} {phase}: {sample.wall:7.2f} s, {sample.rss_mib} MiB, "
+                      f"cpu {sample.cpu:.2f} s, Azurite {sample.emulator_cpu:.2f} s", file=sys.stderr)
+    return results
+
+
+def table_rows(ds: Dataset, res: Results, tools: list[str]) -> list[str]:
     rows = []
     for phase in ("cold", "warm"):
-        med = {t: statistics.median(w for w, _ in results[(t, phase)]) for t in tools}
-        peak = {t: max(m for _, m in results[(t, phase)]) for t in tools}
+        def cell(tool: str, attr: str = "wall", phase: str = phase) -> str:
+            v = res.median(tool, phase, attr)
+            return "-" if v is None else f"{v:.2f}" + (" s" if attr == "wall" else "")
 
-        rows.append(f"| {ds.name}: {ds.describe()} | {phase} | {_cell(med, 'nodekit')} | {_cell(med, 'rclone')} "
-                    f"| {_cell(med, 'azcopy')} | {_ratio(med, 'rclone')} | {_ratio(med, 'azcopy')} | "
-                    f"{' / '.join(str(peak.get(t, '-')) for t in ('nodekit', 'rclone', 'azcopy'))} |")
+        def ratio(a: str, b: str, phase: str = phase) -> str:
+            x, y = res.median(a, phase), res.median(b, phase)
+            return "-" if x is None or y is None else f"**{x / y:.2f}x**"
+
+        trio = ("nodekit", "rclone", "azcopy")
+        rows.append(
+            f"| {ds.name}: {ds.describe()} | {phase} | {cell('nodekit')} | {cell('nodekit-md5src')} | {cell('rclone')} "
+            f"| {cell('azcopy')} | {ratio('nodekit', 'rclone')} | {ratio('nodekit', 'azcopy')} "
+            f"| {ratio('nodekit-md5src', 'rclone')} "
+            f"| {' / '.join(str(res.peak(t, phase) or '-') for t in trio)} "
+            f"| {' / '.join(cell(t, 'cpu') for t in trio)} | {' / '.join(cell(t, 'emulator_cpu') for t in trio)} |")
     return rows
-
-
-def _cell(med: dict[str, float], tool: str) -> str:
-    return f"{med[tool]:.2f} s" if tool in med else "-"
-
-
-def _ratio(med: dict[str, float], tool: str) -> str:
-    return f"**{med['nodekit'] / med[tool]:.2f}x**" if tool in med and "nodekit" in med else "-"
 
 
 if __name__ == "__main__":

@@ -145,7 +145,8 @@ def cli(verbose: bool) -> None:
 @click.option("--dest", metavar="DIR",
               help="Job folder to fill, inside the shared directory (default: SHARED_DIR/JOB_ID).")
 @click.option("--concurrency", type=click.IntRange(1, 256), envvar="NODEKIT_CONCURRENCY",
-              help="Parallel transfers (default: 8 per CPU, at most 64).")
+              help="Transfers in flight: pipelined requests in all, or parallel ranges (default: 8 per CPU, "
+                   "at most 64, at most one per 32 MiB of memory).")
 @click.option("--identity-client-id", envvar="AZURE_CLIENT_ID", metavar="ID",
               help="Client id of the pool's user-assigned managed identity.")
 @click.option("--progress-interval", type=click.FloatRange(0, 3600), default=5.0, show_default=True,

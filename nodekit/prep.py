@@ -38,7 +38,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONCURRENCY = min(64, 8 * (os.cpu_count() or 2))
+def default_concurrency(cpus: int | None = None, memory: int | None = None) -> int:
+    """Transfers in flight by default: 8 per CPU, at most 64, and at most one per 32 MiB of memory.
+
+    Each transfer holds one 1 MiB buffer (files are streamed, never held whole), so memory stays
+    bounded whatever the file sizes; the memory term only matters on very small nodes.
+    """
+    cpus = cpus or os.cpu_count() or 2
+    if memory is None:
+        try:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # pragma: no cover - Windows
+            memory = 0
+    by_memory = memory // (32 * 1024 * 1024) if memory else 64
+    return max(2, min(64, 8 * cpus, by_memory))
+
+
+DEFAULT_CONCURRENCY = default_concurrency()
 RUNNING_MARKER = "running"  # present while a run works: a run that finds it sweeps partial files
 _MAX_LISTED = 10
 
