@@ -119,3 +119,25 @@ def test_the_default_concurrency_follows_the_machine() -> None:
     assert default_concurrency(16, 64 * gib) == 64  # at most 64
     assert default_concurrency(4, gib // 4) == 8  # a small node: one per 32 MiB of memory
     assert default_concurrency(1, 32 * 1024 * 1024) == 2  # never fewer than 2
+
+
+def test_a_run_with_an_account_key_imports_no_azure_sdk(blob_remote: BlobRemote, batch_node: BatchNode,
+                                                       tmp_path: Path) -> None:
+    """The SAS for a key is signed by nodekit itself: the SDK's import alone cost a run about 0.4 s."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    blob_remote.put("a.txt", b"a")
+    code = ("import sys\nfrom nodekit.cli import cli\n"
+            f"cli.main(['prep', 'in={blob_remote.url}', '--no-cache', '--progress-interval', '0'], "
+            "standalone_mode=False)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('azure')))")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AZ_BATCH_", "AZURE_", "NODEKIT_"))},
+           **batch_node.env(**remote_env(blob_remote))}
+    for _ in range(2):  # cold, then warm
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert (batch_node.job_dir / "in" / "a.txt").read_bytes() == b"a"

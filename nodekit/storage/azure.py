@@ -9,6 +9,7 @@ it is read fails with SourceChanged instead of mixing two versions.
 
 from __future__ import annotations
 
+import base64
 import binascii
 import logging
 import re
@@ -93,21 +94,34 @@ def _sas_expiry(sas: str) -> datetime | None:
         return None
 
 
-def _key_sas(account: str, container: str, key: str, source: str, permission: str, lifetime: float) -> str:
+SAS_VERSION = "2021-08-06"  # the service version whose string-to-sign key_sas writes
+
+
+def key_sas(account: str, container: str, key: str, source: str, permission: str, lifetime: float,
+            now: datetime | None = None) -> str:
+    """A service SAS for `container`, signed with the account key (HMAC-SHA256, as the service
+    specifies for version 2020-12-06 and later): valid from 15 minutes ago until an hour after
+    `lifetime` seconds from now. Written here rather than by azure-storage-blob, whose import cost
+    every run with a key about 0.4 s (measured). UsageError if the key is not base64."""
+    import hashlib
+    import hmac
+
     try:
-        from azure.storage.blob import ContainerSasPermissions, generate_container_sas
-    except ImportError as err:  # pragma: no cover - a broken install
-        raise UsageError(f"azure-storage-blob is not installed ({err}): reinstall nodekit.") from err
-    now = datetime.now(timezone.utc)
-    try:
-        sas = generate_container_sas(
-            account, container, account_key=key,
-            permission=ContainerSasPermissions.from_string(permission),
-            start=now - timedelta(minutes=15), expiry=now + timedelta(seconds=lifetime + 3600),
-        )
-    except (binascii.Error, ValueError, TypeError):
+        secret = base64.b64decode(key, validate=True)
+    except (binascii.Error, ValueError):
         raise UsageError(f"the account key from {source} is not a valid storage key (base64): check it.") from None
+    now = now or datetime.now(timezone.utc)
+    start = (now - timedelta(minutes=15)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    expiry = (now + timedelta(seconds=lifetime + 3600)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # permissions, start, expiry, resource, identifier, IP, protocol, version, resource kind, snapshot
+    # time, encryption scope, then the five response-header overrides: unused fields stay empty
+    fields = [permission, start, expiry, f"/blob/{account}/{container}", "", "", "", SAS_VERSION, "c",
+              "", "", "", "", "", "", ""]
+    signature = base64.b64encode(hmac.new(secret, "\n".join(fields).encode(), hashlib.sha256).digest()).decode()
+    sas = (f"st={quote(start, safe='')}&se={quote(expiry, safe='')}&sp={permission}&sv={SAS_VERSION}&sr=c"
+           f"&sig={quote(signature, safe='')}")
     register_secret(sas)
+    register_secret(signature)
     return sas
 
 
@@ -129,7 +143,7 @@ def resolve_auth(loc: BlobLocation, creds: CredentialEnv, *, permission: str = "
             parts.setdefault("accountkey", DEV_KEY)
         if parts.get("accountname") == loc.account:
             if parts.get("accountkey"):
-                return BlobAuth("account key from AZURE_STORAGE_CONNECTION_STRING", sas=_key_sas(
+                return BlobAuth("account key from AZURE_STORAGE_CONNECTION_STRING", sas=key_sas(
                     loc.account, loc.container, parts["accountkey"], "AZURE_STORAGE_CONNECTION_STRING",
                     permission, lifetime))
             if parts.get("sharedaccesssignature"):
@@ -138,7 +152,7 @@ def resolve_auth(loc: BlobLocation, creds: CredentialEnv, *, permission: str = "
         log.debug("AZURE_STORAGE_CONNECTION_STRING is for another account; not used for %s", loc.account)
     if creds.account and creds.key:
         if creds.account == loc.account:
-            return BlobAuth("account key from AZURE_STORAGE_KEY", sas=_key_sas(
+            return BlobAuth("account key from AZURE_STORAGE_KEY", sas=key_sas(
                 loc.account, loc.container, creds.key, "AZURE_STORAGE_KEY", permission, lifetime))
         log.debug("AZURE_STORAGE_ACCOUNT is another account; not used for %s", loc.account)
     if creds.sas_token:
