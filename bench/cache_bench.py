@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from azurite import start_azurite, stop_process  # noqa: E402
 from prep_bench import KIB, MIB, NODEKIT, Dataset, load  # noqa: E402
+from scratch import scratch as scratch_root  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     ds = Dataset("mixed", int(10000 * args.scale), 1 * KIB, 64 * KIB, 2, int(512 * MIB * args.scale))
     server, proc = start_azurite()
-    scratch = Path(tempfile.mkdtemp(prefix="nodekit-cache-bench-"))
+    scratch = Path(tempfile.mkdtemp(prefix="nodekit-cache-bench-", dir=scratch_root()))
     try:
         from azure.storage.blob import BlobServiceClient
 

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from azurite import start_azurite, stop_process  # noqa: E402
 from prep_bench import NODEKIT, RCLONE, run  # noqa: E402
+from scratch import scratch as scratch_root  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -79,7 +80,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results-release.md"))
     args = ap.parse_args()
     server, proc = start_azurite()
-    scratch = Path(tempfile.mkdtemp(prefix="nodekit-release-bench-"))
+    scratch = Path(tempfile.mkdtemp(prefix="nodekit-release-bench-", dir=scratch_root()))
     results: dict[str, list[tuple[float, int]]] = {"nodekit": [], "peer": []}
     try:
         from azure.storage.blob import BlobServiceClient

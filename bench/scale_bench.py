@@ -25,9 +25,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from azurite import DEV_ACCOUNT, DEV_KEY, start_azurite, stop_process  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
+from scratch import scratch as scratch_root  # noqa: E402
 
 NODEKIT = ROOT / ".bench" / "venv" / "bin" / "nodekit"
 
@@ -42,7 +44,7 @@ def main() -> None:
     args = ap.parse_args()
     nodekit = str(NODEKIT) if NODEKIT.exists() else None
     server, proc = start_azurite()
-    scratch = Path(tempfile.mkdtemp(prefix="nodekit-scale-"))
+    scratch = Path(tempfile.mkdtemp(prefix="nodekit-scale-", dir=scratch_root()))
     proxy = None
     try:
         from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, generate_container_sas

@@ -110,6 +110,13 @@ class RunContext:
 Sink = Callable[[bytes], None]
 
 
+def hand_over(files: list[RemoteFile], on_batch: Callable[[list[RemoteFile]], None] | None) -> list[RemoteFile]:
+    """For a store that lists in one piece: `list_files`'s `on_batch` gets it all, then the caller."""
+    if on_batch is not None:
+        on_batch(files)
+    return files
+
+
 class Store(Protocol):
     """A source of files (see the module docstring for the contract)."""
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nodekit.errors import AccessDenied, LocalIOError, NotFound, UnsafeInput
 from nodekit.names import PARTIAL_SUFFIX, unsafe_reason
-from nodekit.storage import CHUNK, RemoteFile, Sink, SourceChanged
+from nodekit.storage import CHUNK, RemoteFile, Sink, SourceChanged, hand_over
 
 
 def _identity(st: os.stat_result) -> tuple[str, str]:
@@ -35,10 +35,7 @@ class LocalStore:
         return self.root if self._single == name else self.root / name
 
     def list_files(self, on_batch: Callable[[list[RemoteFile]], None] | None = None) -> list[RemoteFile]:
-        files = self._list()
-        if on_batch is not None:
-            on_batch(files)
-        return files
+        return hand_over(self._list(), on_batch)
 
     def _list(self) -> list[RemoteFile]:
         try:

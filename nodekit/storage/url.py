@@ -6,7 +6,7 @@ from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
 
 from nodekit.redact import display_url
-from nodekit.storage import RemoteFile, Sink
+from nodekit.storage import RemoteFile, Sink, hand_over
 from nodekit.storage.http import HttpClient, stream_body
 
 
@@ -24,10 +24,7 @@ class UrlStore:
             self.credential_kind = "SAS token in the URL"
 
     def list_files(self, on_batch: Callable[[list[RemoteFile]], None] | None = None) -> list[RemoteFile]:
-        files = self._list()
-        if on_batch is not None:
-            on_batch(files)
-        return files
+        return hand_over(self._list(), on_batch)
 
     def _list(self) -> list[RemoteFile]:
         resp = self.http.request("HEAD", self.url, {}, what=f"checking {self.display}",

@@ -164,11 +164,16 @@ class Connection:
 
     def body(self, length: int, out: Callable[[memoryview], None]) -> None:
         """Hand the next `length` bytes to `out`, in pieces (each valid only during the call)."""
+        for piece in self._exactly(length):
+            out(piece)
+
+    def _exactly(self, length: int) -> Iterator[memoryview]:
+        """The next `length` bytes in pieces, each valid until the next one is asked for."""
         while length:
             if self.lo == self.hi:
                 self._fill(True)
             take = min(length, self.hi - self.lo)
-            out(self.view[self.lo:self.lo + take])
+            yield self.view[self.lo:self.lo + take]
             self.lo += take
             length -= take
 
@@ -193,27 +198,13 @@ class Connection:
                     while self._line():  # trailers, up to the empty line
                         pass
                     return
-                remaining = size
-                while remaining:
-                    if self.lo == self.hi:
-                        self._fill(True)
-                    take = min(remaining, self.hi - self.lo)
-                    yield self.view[self.lo:self.lo + take]
-                    self.lo += take
-                    remaining -= take
+                yield from self._exactly(size)
                 self._line()
         length = fields.get("content-length")
         if length is not None:
             if not length.isdigit() or (limit is not None and int(length) > limit):
                 raise Broken("body of a bad or too large length", True)
-            remaining = int(length)
-            while remaining:
-                if self.lo == self.hi:
-                    self._fill(True)
-                take = min(remaining, self.hi - self.lo)
-                yield self.view[self.lo:self.lo + take]
-                self.lo += take
-                remaining -= take
+            yield from self._exactly(int(length))
             return
         self.reusable = False  # no framing: the body ends when the server closes
         total = 0
