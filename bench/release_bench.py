@@ -107,7 +107,8 @@ def main() -> None:
                     env.update(ROOT=str(root), JOB=job, NODE="tvm-1", RCLONE=str(RCLONE),
                                RCLONE_CONFIG_AZ_TYPE="azureblob", RCLONE_CONFIG_AZ_USE_EMULATOR="true",
                                RCLONE_CONFIG_AZ_ENDPOINT=server.endpoint)
-                wall, rss, _ = run(cmd, env)
+                sample = run(cmd, env, proc.pid)
+                wall, rss = sample.wall, sample.rss_mib
                 assert not (root / "shared" / job).exists(), f"{tool} did not wipe"
                 results[tool].append((wall, rss))
                 print(f"round {r + 1} {tool:8}: {wall:6.2f} s, {rss} MiB", file=sys.stderr)

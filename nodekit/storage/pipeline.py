@@ -196,6 +196,9 @@ class _Run:
         if status != 200:
             for _ in conn.pieces("GET", status, fields, ERROR_BODY_MAX):  # read past it, keeping the connection
                 pass
+            if status in (429, 503):  # throttled: send fewer requests ahead from now on (halved each time)
+                with self.lock:
+                    self.depth = max(1, self.depth // 2)
             failure = Failure(f"status {status}", status, fields.get("retry-after"))
             return self.fallback(get, failure), not conn.reusable
         closing = not conn.reusable
