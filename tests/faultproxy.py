@@ -71,6 +71,11 @@ class FaultProxy:
         async def close() -> None:
             if self._server is not None:
                 self._server.close()
+            # connections a client kept alive: end their handlers before the loop stops
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
