@@ -413,7 +413,9 @@ class Downloader:
         if direct is None or item.remote is None:
             return None
         endpoint, target, headers = direct
-        return endpoint, Get(item, target, headers, item.remote.size)
+        # a run can outlast a bearer token: each pipelined request takes the headers of its moment
+        auth = getattr(self.stores[item.source or 0], "auth_headers", None)
+        return endpoint, Get(item, target, headers, item.remote.size, auth)
 
     def open(self, get: Get) -> Body:
         """Where the pipelined body of `get` goes: its temporary file (see `_Incoming`)."""

@@ -311,3 +311,19 @@ def test_listing_parser_reads_entities_encoded_names_prefixes_and_the_marker() -
     assert prefixes == ["in/a/", "in/z/"] and marker == "2!96!MDAw&"
     with pytest.raises(SourceError, match="not a blob listing"):
         parse_listing(b"<html>a login page</html>", "listing")
+
+
+def test_each_pipelined_request_takes_the_authentication_headers_of_its_moment(serve) -> None:  # type: ignore[no-untyped-def]
+    seen: list[str] = []
+
+    def answer(i: int, path: str, h: dict[str, str]) -> bytes:
+        seen.append(h.get("authorization", ""))
+        return ok(path, h)
+    server = serve(answer)
+    tokens = iter(f"Bearer t{i}" for i in range(1000))
+    gets = [Get(g.item, g.target, {**g.headers, "Authorization": "Bearer stale"}, g.size,
+                lambda: {"Authorization": next(tokens)}) for g in _gets(20)]
+    collect = Collect()
+    _fetch(server, gets, collect, connections=1, depth=4)
+    assert len(collect.bodies) == 20
+    assert "Bearer stale" not in seen and len(set(seen)) == 20  # a fresh value for each request sent

@@ -282,6 +282,10 @@ class AzureBlobStore:
     def supports_ranges(self, file: RemoteFile) -> bool:
         return True
 
+    def auth_headers(self) -> dict[str, str]:
+        """The authentication headers as of now (a bearer token renewed near its expiry; none with a SAS)."""
+        return self.auth.headers()
+
     def get_request(self, file: RemoteFile) -> tuple[str, dict[str, str]]:
         """The URL (with the SAS, if any: never log it) and headers of a GET of `file`, pinned to its ETag."""
         headers = self._headers()

@@ -45,6 +45,7 @@ class Get:
     target: str
     headers: Mapping[str, str]
     size: int
+    auth: Callable[[], Mapping[str, str]] | None = None  # headers made when the request is sent (a token)
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ class _Run:
     def request(self, get: Get) -> tuple[bytes, str]:
         rid = f"{self.token}-{next(self.ids)}"
         head = [f"GET {get.target} HTTP/1.1", f"Host: {self.host}", f"x-ms-client-request-id: {rid}"]
-        head += [f"{k}: {v}" for k, v in get.headers.items()]
+        headers = {**get.headers, **get.auth()} if get.auth is not None else get.headers
+        head += [f"{k}: {v}" for k, v in headers.items()]
         return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1"), rid
 
     def worker(self) -> None:
