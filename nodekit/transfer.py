@@ -10,6 +10,7 @@ Every failure path removes its temporary file.
 from __future__ import annotations
 
 import base64
+import errno
 import functools
 import hashlib
 import logging
@@ -147,6 +148,12 @@ class _BigFile:
     lock: threading.Lock = field(default_factory=threading.Lock)
     writer: _Writer | None = None
     failed: bool = False
+    # The MD5 follows the ranges as they complete, in order (reading each back from the page cache),
+    # so that hashing overlaps the rest of the download instead of following it.
+    hasher: Any = None  # None: no MD5 wanted, or no positional reads here (hashed at the end)
+    hashed_to: int = 0  # bytes [0, hashed_to) are in the hasher
+    done: dict[int, int] = field(default_factory=dict)  # completed ranges not yet hashed: start -> end
+    hashing: bool = False  # a thread is feeding the hasher
 
 
 class _Dropped:
@@ -570,6 +577,7 @@ class Downloader:
                         job.writer = _Writer(job.tmp, remote.size)
                     except OSError as err:
                         raise _disk_error(err, job.tmp) from err
+                    job.hasher = self._hasher(job.item) if _PREADV else None
             writer = job.writer
             pos = start
 
@@ -599,6 +607,7 @@ class Downloader:
                     store.fetch(remote, pos, start + length - pos, sink)
             except _Abandoned:
                 return
+            self._hash_ahead(job, start, start + length)  # before this range counts as done (see below)
             ok = True
         finally:
             with job.lock:
@@ -616,16 +625,64 @@ class Downloader:
             job.writer = None
         _unlink_quietly(job.tmp)
 
+    def _hash_ahead(self, job: _BigFile, start: int, end: int) -> None:
+        """Note the range [start, end) as complete and feed the hasher every range that now follows on.
+
+        One thread at a time feeds it; a range that completes meanwhile is picked up by that thread.
+        A range counts as done (`pending`) only after this returns, so while any thread hashes, the
+        last range has not finished: `_finish_big` never runs beside it.
+        """
+        with job.lock:
+            if job.hasher is None:
+                return
+            job.done[start] = end
+            if job.hashing:
+                return
+            job.hashing = True
+        try:
+            while True:
+                with job.lock:
+                    begin = job.hashed_to
+                    stop = job.done.pop(begin, None)
+                    if stop is None or job.failed:
+                        job.hashing = False
+                        return
+                assert job.writer is not None
+                try:
+                    _hash_range(job.writer.fd, begin, stop, job.hasher)
+                except OSError as err:
+                    raise _disk_error(err, job.tmp) from err
+                with job.lock:
+                    job.hashed_to = stop
+        except BaseException:
+            with job.lock:
+                job.hashing = False
+            raise
+
     def _finish_big(self, job: _BigFile) -> None:
-        """Hash the assembled file, verify it and place it (or fetch it again in one stream)."""
+        """Finish the hash, verify the file and place it (or fetch it again in one stream)."""
         item = job.item
         try:
             assert job.writer is not None
+            hasher = job.hasher
+            if hasher is not None:  # whatever completed last and is not in the hasher yet
+                while job.done:
+                    begin = job.hashed_to
+                    stop = job.done.pop(begin)
+                    try:
+                        _hash_range(job.writer.fd, begin, stop, hasher)
+                    except OSError as err:
+                        raise _disk_error(err, job.tmp) from err
+                    job.hashed_to = stop
             job.writer.close()
             job.writer = None
-            hasher = self._hasher(item)
+            if hasher is None:
+                hasher = self._hasher(item)
             try:
-                size = os.stat(job.tmp).st_size if hasher is None else _hash_file(job.tmp, hasher)
+                if hasher is None or job.hasher is not None:
+                    size = job.hashed_to if job.hasher is not None else os.stat(job.tmp).st_size
+                else:  # no positional reads on this system: hash the whole file now
+                    size = _hash_file(job.tmp, hasher)
             except OSError as err:
                 raise _disk_error(err, job.tmp) from err
             try:
@@ -641,6 +698,24 @@ class Downloader:
             self._discard_big(job)
             raise
         self._record(item, job.final, md5, verified)
+
+
+_PREADV = hasattr(os, "preadv")
+_HASH_BUFFERS = threading.local()
+
+
+def _hash_range(fd: int, start: int, end: int, hasher: Any) -> None:
+    """Feed bytes [start, end) of the open file `fd` to `hasher` (a reused buffer per thread)."""
+    buf = getattr(_HASH_BUFFERS, "buf", None)
+    if buf is None:
+        buf = _HASH_BUFFERS.buf = bytearray(CHUNK * 4)
+    view = memoryview(buf)
+    while start < end:
+        n = os.preadv(fd, [view[:min(len(buf), end - start)]], start)
+        if n <= 0:
+            raise OSError(errno.EIO, "the file is shorter than the ranges written into it")
+        hasher.update(view[:n])
+        start += n
 
 
 def _hash_file(path: Path, hasher: Any) -> int:

@@ -141,3 +141,31 @@ def test_a_run_with_an_account_key_imports_no_azure_sdk(blob_remote: BlobRemote,
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip().splitlines()[-1] == "[]"
     assert (batch_node.job_dir / "in" / "a.txt").read_bytes() == b"a"
+
+
+def test_the_md5_of_a_large_file_follows_its_ranges_in_any_order(blob_remote: BlobRemote, batch_node: BatchNode,
+                                                                 tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Ranges complete out of order (the first is slowed down); the MD5, fed as they complete, is right."""
+    from conftest import Azurite
+    from faultproxy import FaultProxy, Rule
+
+    import nodekit.transfer
+
+    monkeypatch.setattr(nodekit.transfer, "RANGE_SIZE", 2 * MIB)  # 21 ranges instead of 1
+    big = os.urandom(40 * MIB + 12345)
+    blob_remote.put("big.bin", big, blocks=True)  # no Content-MD5: only nodekit's own MD5 says what landed
+    server: Azurite = blob_remote.server
+    proxy = FaultProxy(server.port).start()
+    try:
+        path = f"^GET /devstoreaccount1/{blob_remote.container}/big.bin$"
+        slow = Rule("slow", 1.0, pattern=path, max_count=1, bytes_per_s=2e6)  # the first range: about 1 s
+        proxy.set_rules([slow])
+        rep = tmp_path / "r.json"
+        run(["prep", f"in=http://127.0.0.1:{proxy.port}/devstoreaccount1/{blob_remote.container}", "--report",
+             str(rep), "--no-cache", "--concurrency", "8"], batch_node.env(**remote_env(blob_remote)))
+    finally:
+        proxy.stop()
+    assert slow.hits == 1 and len([r for r in proxy.ranges if r[1].endswith("big.bin")]) == 21
+    entry = report(rep)["files"][0]
+    assert entry["md5"] == _md5(big) and entry["verified"] is False
+    assert (batch_node.job_dir / "in" / "big.bin").read_bytes() == big
