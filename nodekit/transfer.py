@@ -1,10 +1,11 @@
-"""Plan and carry out downloads: the pure skip-or-download decision, atomic placement, progress.
+"""Carry out downloads: atomic placement, verification, progress (the decision is in plan.py).
 
-`decide` is a pure function from (remote file, recorded state, local stat) to an Action and a
-reason. `Downloader` streams files in parallel (large files as parallel ranges) into a
-temporary name in the destination folder, verifies size and Content-MD5, sets the source's
-modification time, renames into place with `os.replace`, and only then journals the record.
-Every failure path removes its temporary file.
+`Downloader` streams files into a temporary name in the destination folder: files up to 16 MiB
+as pipelined GETs (storage/pipeline.py), larger ones as parallel ranges written with `pwrite`
+and hashed in order as they complete, anything that fails there again through the store with
+retries. It verifies size and Content-MD5, sets the source's modification time, renames into
+place with `os.replace`, and only then journals the record. Every failure path removes its
+temporary file. Imported only when something is to be downloaded.
 """
 
 from __future__ import annotations
