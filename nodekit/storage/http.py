@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 from collections.abc import Iterator, Mapping
 
 from nodekit.errors import AccessDenied, NotFound, SourceError, TransientError
 from nodekit.redact import display_url
 from nodekit.storage import CHUNK, RunContext, Sink, SourceChanged
-from nodekit.storage.wire import Broken, Connection, Endpoint, Fields, split_url
+from nodekit.storage.wire import ERROR_BODY_MAX, Broken, Connection, Fields, KeptConnections, split_url
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 _DETAIL = re.compile(rb"<AuthenticationErrorDetail>([^<]{1,300})</AuthenticationErrorDetail>")
-ERROR_BODY_MAX = 1024 * 1024  # more of an error body than this is not read
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -79,9 +77,8 @@ class Response:
         conn = self._conn
         if conn is None:
             return
-        if self._done and conn.reusable:
-            conn.answered += 1
-            self._client._keep(conn)
+        if self._done:
+            self._client._conns.keep(conn)
         else:
             conn.close()
         self._conn = None  # type: ignore[assignment]
@@ -107,36 +104,14 @@ class HttpClient:
     def __init__(self, ctx: RunContext, *, read_timeout: float = 60.0) -> None:
         self.ctx = ctx
         self.read_timeout = read_timeout
-        self._local = threading.local()
-
-    def _keep(self, conn: Connection) -> None:
-        self._local.__dict__.setdefault("conns", {})[conn.endpoint] = conn
+        self._conns = KeptConnections(read_timeout)
 
     def _send(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None) -> Response:
         try:
             endpoint, target = split_url(url)
         except ValueError:
             raise SourceError(f"{display_url(url)} is not an http(s) URL.") from None
-        conns: dict[Endpoint, Connection] = self._local.__dict__.setdefault("conns", {})
-        conn = conns.pop(endpoint, None)
-        if conn is not None:  # kept alive: the server may have closed it while it was idle
-            try:
-                return self._exchange(conn, method, target, headers, body, url)
-            except Broken as err:
-                if err.started:
-                    raise
-            except OSError:
-                pass
-        return self._exchange(Connection(endpoint, self.read_timeout), method, target, headers, body, url)
-
-    def _exchange(self, conn: Connection, method: str, target: str, headers: Mapping[str, str],
-                  body: bytes | None, url: str) -> Response:
-        try:
-            conn.request(method, target, headers, body)
-            status, reason, fields = conn.head()
-        except BaseException:
-            conn.close()
-            raise
+        conn, status, reason, fields = self._conns.exchange(endpoint, method, target, headers, body)
         log.debug("%s %s -> %s", method, display_url(url), status)
         return Response(self, conn, method, status, reason, fields)
 

@@ -29,11 +29,10 @@ from dataclasses import dataclass
 from itertools import count
 from typing import Any, Protocol
 
-from nodekit.storage.wire import Broken, Connection, Endpoint
+from nodekit.storage.wire import ERROR_BODY_MAX, Broken, Connection, Endpoint, KeptConnections
 
 log = logging.getLogger(__name__)
 
-ERROR_BODY_MAX = 1024 * 1024  # an error response body longer than this closes the connection
 DEFAULT_DEPTH = 8  # requests in flight on one connection (--pipeline)
 
 
@@ -80,8 +79,7 @@ class _Run:
     """One call of fetch_pipelined: the shared queue and the workers' settings."""
 
     def __init__(self, endpoint: Endpoint, gets: list[Get], depth: int, read_timeout: float,
-                 receiver: Receiver, on_fallback: Callable[[Get, Failure], float], stop: threading.Event,
-                 ssl_context: Any) -> None:
+                 receiver: Receiver, on_fallback: Callable[[Get, Failure], float], stop: threading.Event) -> None:
         self.endpoint = endpoint
         self.queue: deque[Get] = deque(gets)
         self.depth = depth
@@ -89,7 +87,6 @@ class _Run:
         self.receiver = receiver
         self.on_fallback = on_fallback
         self.stop = stop
-        self.ssl_context = ssl_context
         self.lock = threading.Lock()  # around on_fallback and the depth change
         self.ids = count()
         self.host = endpoint.host_header
@@ -125,7 +122,7 @@ class _Run:
                     if not self.queue:
                         return
                     try:
-                        conn = Connection(self.endpoint, self.read_timeout, self.ssl_context)
+                        conn = Connection(self.endpoint, self.read_timeout)
                     except OSError as err:
                         get = self._pop()
                         if get is None:
@@ -231,8 +228,7 @@ class _Run:
 
 
 def fetch_pipelined(endpoint: Endpoint, gets: list[Get], *, connections: int, depth: int, read_timeout: float,
-                    receiver: Receiver, on_fallback: Callable[[Get, Failure], float], stop: threading.Event,
-                    ssl_context: Any = None) -> None:
+                    receiver: Receiver, on_fallback: Callable[[Get, Failure], float], stop: threading.Event) -> None:
     """GET every request of `gets` over up to `connections` connections, `depth` requests in flight on each.
 
     Each body that comes back whole as a 200 of the listed size goes to `receiver.open(get)`,
@@ -245,7 +241,7 @@ def fetch_pipelined(endpoint: Endpoint, gets: list[Get], *, connections: int, de
     """
     if not gets:
         return
-    run = _Run(endpoint, gets, max(1, depth), read_timeout, receiver, on_fallback, stop, ssl_context)
+    run = _Run(endpoint, gets, max(1, depth), read_timeout, receiver, on_fallback, stop)
     n = max(1, min(connections, (len(gets) + depth - 1) // max(1, depth)))
     threads = [threading.Thread(target=run.worker, name=f"nodekit-get-{i}", daemon=True) for i in range(n)]
     for t in threads:
@@ -264,16 +260,12 @@ class RangeReader:
     delivered and why it stopped early, and the caller fetches the rest with retries.
     """
 
-    def __init__(self, read_timeout: float, ssl_context: Any = None) -> None:
-        self.read_timeout = read_timeout
-        self.ssl_context = ssl_context
-        self._local = threading.local()
+    def __init__(self, read_timeout: float) -> None:
+        self._conns = KeptConnections(read_timeout)
 
     def read(self, endpoint: Endpoint, target: str, headers: Mapping[str, str], start: int, length: int,
              out: Callable[[memoryview], None]) -> tuple[int, Failure | None]:
         """Stream bytes [start, start+length) of `target` to `out`: (bytes delivered, None or why it stopped)."""
-        conns: dict[Endpoint, Connection] = self._local.__dict__.setdefault("conns", {})
-        conn = conns.pop(endpoint, None)
         delivered = 0
 
         def counted(data: memoryview) -> None:
@@ -282,35 +274,25 @@ class RangeReader:
             delivered += len(data)
 
         try:
-            if conn is None:
-                conn = Connection(endpoint, self.read_timeout, self.ssl_context)
-            conn.request("GET", target, {**headers, "Range": f"bytes={start}-{start + length - 1}"})
-            status, _, fields = conn.head()
-            if status != 206:
-                conn.close()
-                return 0, Failure(f"status {status}", status, fields.get("retry-after"))
-            if fields.get("content-length", "") != str(length) or "transfer-encoding" in fields:
-                conn.close()
-                return 0, Failure("unexpected length")
+            conn, status, _, fields = self._conns.exchange(
+                endpoint, "GET", target, {**headers, "Range": f"bytes={start}-{start + length - 1}"})
+        except Broken as err:
+            return 0, Failure(err.why)
+        except OSError as err:
+            return 0, Failure(f"connect: {type(err).__name__}")
+        if status != 206:
+            conn.close()
+            return 0, Failure(f"status {status}", status, fields.get("retry-after"))
+        if fields.get("content-length", "") != str(length) or "transfer-encoding" in fields:
+            conn.close()
+            return 0, Failure("unexpected length")
+        try:
             conn.body(length, counted)
         except Broken as err:
-            conn.close()  # type: ignore[union-attr]
+            conn.close()
             return delivered, Failure(err.why)
-        except OSError as err:
-            if conn is not None:
-                conn.close()
-            return delivered, Failure(f"connect: {type(err).__name__}")
         except BaseException:
-            if conn is not None:
-                conn.close()
+            conn.close()
             raise
-        if conn.reusable:
-            conns[endpoint] = conn
-        else:
-            conn.close()
+        self._conns.keep(conn)
         return delivered, None
-
-    def close(self) -> None:
-        """Close this thread's connections (others close when their threads end)."""
-        for conn in self._local.__dict__.pop("conns", {}).values():
-            conn.close()

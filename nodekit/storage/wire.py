@@ -14,6 +14,7 @@ Nothing here logs; a `Broken` carries a short, secret-free reason (never a URL).
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from urllib.parse import urlsplit
 
 MAX_HEAD = 64 * 1024  # a response head longer than this is refused
 BUFFER = 1024 * 1024  # each connection's receive buffer
+ERROR_BODY_MAX = 1024 * 1024  # more of an error response's body than this is not read
 
 
 @dataclass(frozen=True)
@@ -236,3 +238,50 @@ class Connection:
             if self.hi - self.lo > MAX_HEAD:
                 raise Broken("bad chunked body", True)
             self._fill(True)
+
+
+class KeptConnections:
+    """Kept-alive connections, one per thread and endpoint, for one request at a time."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._local = threading.local()
+
+    def exchange(self, endpoint: Endpoint, method: str, target: str, headers: Mapping[str, str],
+                 body: bytes | None = None) -> tuple[Connection, int, str, Fields]:
+        """Send one request and read its response's head: (connection, status, reason, fields).
+
+        It goes on this thread's kept connection to `endpoint` if there is one; if the server had
+        closed that while it was idle (no byte of an answer came back), once more on a new one.
+        On failure the connection is closed and OSError (Broken among them) raised.
+        """
+        conns: dict[Endpoint, Connection] = self._local.__dict__.setdefault("conns", {})
+        conn = conns.pop(endpoint, None)
+        if conn is not None:
+            try:
+                return (conn, *_ask(conn, method, target, headers, body))
+            except Broken as err:
+                if err.started:
+                    raise
+            except OSError:
+                pass
+        conn = Connection(endpoint, self.timeout)
+        return (conn, *_ask(conn, method, target, headers, body))
+
+    def keep(self, conn: Connection) -> None:
+        """Hand back a connection whose response was read to its end (closed if it cannot be reused)."""
+        if conn.reusable:
+            conn.answered += 1
+            self._local.__dict__.setdefault("conns", {})[conn.endpoint] = conn
+        else:
+            conn.close()
+
+
+def _ask(conn: Connection, method: str, target: str, headers: Mapping[str, str],
+         body: bytes | None) -> tuple[int, str, Fields]:
+    try:
+        conn.request(method, target, headers, body)
+        return conn.head()
+    except BaseException:
+        conn.close()
+        raise
