@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from nodekit.errors import IntegrityError, LocalIOError, NodekitError, UnsafeInput
 from nodekit.names import PARTIAL_SUFFIX
@@ -41,6 +40,7 @@ from nodekit.state import Record, StateStore
 from nodekit.storage import CHUNK, RunContext, Store
 from nodekit.storage.http import RETRY_STATUS, retry_after_seconds
 from nodekit.storage.pipeline import DEFAULT_DEPTH, Body, Endpoint, Failure, Get, RangeReader, fetch_pipelined
+from nodekit.storage.wire import split_url
 
 log = logging.getLogger(__name__)
 
@@ -258,13 +258,12 @@ class Downloader:
 
     def __init__(self, job_dir: Path, stores: list[Store], ctx: RunContext, state: StateStore,
                  concurrency: int, progress: Progress, read_timeout: float = 60.0,
-                 connections: int | None = None, pipeline: int = DEFAULT_DEPTH, hash_all: bool = True) -> None:
+                 pipeline: int = DEFAULT_DEPTH, hash_all: bool = True) -> None:
         self.job_dir = job_dir
         self.stores = stores
         self.ctx = ctx
         self.state = state
         self.concurrency = concurrency
-        self.connections = connections or concurrency
         self.pipeline = pipeline
         self.hash_all = hash_all  # False: files without a source MD5 are not hashed (--md5 source)
         self._ranges = RangeReader(read_timeout)
@@ -323,10 +322,11 @@ class Downloader:
         big = [i for i in items if i.remote and i.remote.size > RANGE_THRESHOLD
                and self.stores[i.source or 0].supports_ranges(i.remote)]
         big.sort(key=lambda i: -(i.remote.size if i.remote else 0))
+        ranged = {id(i) for i in big}  # by identity: PlannedFile's == compares every field
         fast: dict[Endpoint, list[Get]] = {}
         threaded: list[PlannedFile] = []
         for item in items:
-            if item in big:
+            if id(item) in ranged:
                 continue
             get = self._fast_get(item)
             if get is None:
@@ -348,10 +348,7 @@ class Downloader:
 
             def on_fallback(get: Get, failure: Failure) -> float:
                 """Hand the file to the pool; a retryable failure counts as a retry and backs off first."""
-                status = failure.status
-                delay = 0.0
-                if status is None or status in RETRY_STATUS:
-                    delay = self.ctx.retry_delay(1, retry_after_seconds(failure.retry_after))
+                delay = self._retry_delay(failure)
                 log.debug("%s: %s on the pipelined path; fetching it again with retries", get.item.path, failure.why)
                 refetch(get.item, delay)
                 return delay
@@ -370,10 +367,17 @@ class Downloader:
                 self._refetch = self._whole
         return self._errors
 
+    def _retry_delay(self, failure: Failure) -> float:
+        """What a failure of a fast path costs before the file is fetched again: a retry and its backoff
+        when a retry may help (a network failure or a retryable status), nothing otherwise."""
+        if failure.status is None or failure.status in RETRY_STATUS:
+            return self.ctx.retry_delay(1, retry_after_seconds(failure.retry_after))
+        return 0.0
+
     def _pipelined_connections(self) -> int:
         """Connections for the pipelined path: `concurrency` requests in flight in all (at least 2 connections,
         so that one slow response does not hold everything up)."""
-        return max(2, -(-self.connections // max(1, self.pipeline)))
+        return max(2, -(-self.concurrency // max(1, self.pipeline)))
 
     def _guard(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run one unit of work; record its error on the item and stop the run when it is fatal."""
@@ -409,11 +413,11 @@ class Downloader:
         if remote is None or request is None:
             return None
         url, headers = request(remote)
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            endpoint, target = split_url(url)
+        except ValueError:
             return None
-        endpoint = Endpoint(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-        return endpoint, (parts.path or "/") + ("?" + parts.query if parts.query else ""), headers
+        return endpoint, target, headers
 
     def _fast_get(self, item: PlannedFile) -> tuple[Endpoint, Get] | None:
         """The pipelined request for a file, or None when it must go through the pool."""
@@ -600,10 +604,9 @@ class Downloader:
                     if failure is not None:
                         log.debug("%s: %s on the direct range path; going on with retries", job.item.path,
                                   failure.why)
-                        if failure.status is None or failure.status in RETRY_STATUS:
-                            delay = self.ctx.retry_delay(1, retry_after_seconds(failure.retry_after))
-                            if self.ctx.stop.wait(min(delay, max(0.0, self.ctx.remaining()))):
-                                raise _Abandoned()
+                        delay = self._retry_delay(failure)
+                        if delay > 0 and self.ctx.stop.wait(min(delay, max(0.0, self.ctx.remaining()))):
+                            raise _Abandoned()
                 if pos < start + length:
                     store.fetch(remote, pos, start + length - pos, sink)
             except _Abandoned:
@@ -641,49 +644,49 @@ class Downloader:
                 return
             job.hashing = True
         try:
-            while True:
-                with job.lock:
-                    begin = job.hashed_to
-                    stop = job.done.pop(begin, None)
-                    if stop is None or job.failed:
-                        job.hashing = False
-                        return
-                assert job.writer is not None
-                try:
-                    _hash_range(job.writer.fd, begin, stop, job.hasher)
-                except OSError as err:
-                    raise _disk_error(err, job.tmp) from err
-                with job.lock:
-                    job.hashed_to = stop
+            self._drain_hash(job, holds_turn=True)
         except BaseException:
             with job.lock:
                 job.hashing = False
             raise
+
+    def _drain_hash(self, job: _BigFile, holds_turn: bool = False) -> None:
+        """Feed the hasher every completed range that follows on from what it has, in order.
+
+        With `holds_turn`, the turn to hash is given up under the same lock that finds nothing more
+        to do, so a range completing just then is never left for nobody.
+        """
+        while True:
+            with job.lock:
+                begin = job.hashed_to
+                stop = job.done.pop(begin, None)
+                if stop is None or job.failed:
+                    if holds_turn:
+                        job.hashing = False
+                    return
+            assert job.writer is not None
+            try:
+                _hash_range(job.writer.fd, begin, stop, job.hasher)
+            except OSError as err:
+                raise _disk_error(err, job.tmp) from err
+            with job.lock:
+                job.hashed_to = stop
 
     def _finish_big(self, job: _BigFile) -> None:
         """Finish the hash, verify the file and place it (or fetch it again in one stream)."""
         item = job.item
         try:
             assert job.writer is not None
-            hasher = job.hasher
-            if hasher is not None:  # whatever completed last and is not in the hasher yet
-                while job.done:
-                    begin = job.hashed_to
-                    stop = job.done.pop(begin)
-                    try:
-                        _hash_range(job.writer.fd, begin, stop, hasher)
-                    except OSError as err:
-                        raise _disk_error(err, job.tmp) from err
-                    job.hashed_to = stop
+            if job.hasher is not None:
+                self._drain_hash(job)  # whatever completed last (no other thread hashes any more)
             job.writer.close()
             job.writer = None
-            if hasher is None:
-                hasher = self._hasher(item)
             try:
-                if hasher is None or job.hasher is not None:
-                    size = job.hashed_to if job.hasher is not None else os.stat(job.tmp).st_size
-                else:  # no positional reads on this system: hash the whole file now
-                    size = _hash_file(job.tmp, hasher)
+                if job.hasher is not None:  # a gap would show as a short size, and fail the check
+                    hasher, size = job.hasher, job.hashed_to
+                else:  # no MD5 wanted, or no positional reads on this system: hash the whole file now
+                    hasher = self._hasher(item)
+                    size = os.stat(job.tmp).st_size if hasher is None else _hash_file(job.tmp, hasher)
             except OSError as err:
                 raise _disk_error(err, job.tmp) from err
             try:
