@@ -22,7 +22,7 @@ from nodekit.batchenv import BatchEnv
 from nodekit.credentials import CredentialEnv
 from nodekit.errors import ExitCode, NodekitError
 from nodekit.redact import ScrubFilter, scrub
-from nodekit.spec import PrepSettings, Spec, load_spec, parse_duration, parse_source, sources_from_args
+from nodekit.spec import MD5_POLICIES, PrepSettings, Spec, load_spec, parse_duration, parse_source, sources_from_args
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("nodekit")
@@ -157,7 +157,7 @@ def cli(verbose: bool) -> None:
               help="Do not use or fill the node's cache (SHARED_DIR/.nodekit-cache) for this job.")
 @click.option("--cache-max-size", metavar="SIZE", envvar="NODEKIT_CACHE_MAX_SIZE",
               help="The node cache's budget: 10G, 500M, or a share of the disk like 50% (the default).")
-@click.option("--md5", type=click.Choice(["all", "source"]), envvar="NODEKIT_MD5",
+@click.option("--md5", type=click.Choice(MD5_POLICIES), envvar="NODEKIT_MD5",
               help="all (default): hash every file, check it against the source's Content-MD5 and record it; "
                    "source: hash only files whose source has a Content-MD5 (as AzCopy and rclone do).")
 @click.option("--pipeline", type=click.IntRange(1, 64), envvar="NODEKIT_PIPELINE",
@@ -297,7 +297,7 @@ def release_command(upload_to: str | None, spec_path: str | None, logs: tuple[st
 @click.option("--purge-cache", is_flag=True, default=None, help="release --purge-cache.")
 @click.option("--no-cache", is_flag=True, default=None, help="prep --no-cache.")
 @click.option("--cache-max-size", metavar="SIZE", help="prep --cache-max-size.")
-@click.option("--md5", type=click.Choice(["all", "source"]), help="prep --md5.")
+@click.option("--md5", type=click.Choice(MD5_POLICIES), help="prep --md5.")
 @click.option("--identity-client-id", metavar="ID",
               help="The pool's user-assigned managed identity: how prep and release authenticate.")
 @click.option("--install", metavar="REQUIREMENT", default=None,
