@@ -73,6 +73,16 @@ def setup_logging(verbose: bool) -> None:
     quiet = logging.DEBUG if verbose else logging.WARNING
     for name in ("azure", "urllib3"):
         logging.getLogger(name).setLevel(quiet)
+    # azure-identity logs every credential it tries (a dozen lines before nodekit's one error line);
+    # nodekit's message names what was tried. With --verbose, everything.
+    logging.getLogger("azure.identity").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+
+
+def _net(read_timeout: float = 60.0) -> Any:
+    """How to reach storage, from the environment (the CA bundle variables; proxies are read per URL)."""
+    from nodekit.storage.net import NetConfig
+
+    return NetConfig.from_environ(os.environ, read_timeout=read_timeout)
 
 
 class NodekitGroup(click.Group):
@@ -145,8 +155,8 @@ def cli(verbose: bool) -> None:
 @click.option("--dest", metavar="DIR",
               help="Job folder to fill, inside the shared directory (default: SHARED_DIR/JOB_ID).")
 @click.option("--concurrency", type=click.IntRange(1, 256), envvar="NODEKIT_CONCURRENCY",
-              help="Transfers in flight: pipelined requests in all, or parallel ranges (default: 8 per CPU, "
-                   "at most 64, at most one per 32 MiB of memory).")
+              help="Requests in flight, each on its own connection: whole files, or ranges of large ones "
+                   "(default: 64, at most one per 16 MiB of memory).")
 @click.option("--identity-client-id", envvar="AZURE_CLIENT_ID", metavar="ID",
               help="Client id of the pool's user-assigned managed identity.")
 @click.option("--progress-interval", type=click.FloatRange(0, 3600), default=5.0, show_default=True,
@@ -158,17 +168,14 @@ def cli(verbose: bool) -> None:
 @click.option("--cache-max-size", metavar="SIZE", envvar="NODEKIT_CACHE_MAX_SIZE",
               help="The node cache's budget: 10G, 500M, or a share of the disk like 50% (the default).")
 @click.option("--md5", type=click.Choice(MD5_POLICIES), envvar="NODEKIT_MD5",
-              help="all (default): hash every file, check it against the source's Content-MD5 and record it; "
-                   "source: hash only files whose source has a Content-MD5 (as AzCopy and rclone do).")
-@click.option("--pipeline", type=click.IntRange(1, 64), envvar="NODEKIT_PIPELINE",
-              help="Requests in flight per connection for files up to 16 MiB (HTTP/1.1 pipelining; 1 turns it "
-                   "off). Default 8.")
+              help="source (default): check every file whose source has a Content-MD5 against it, as AzCopy and "
+                   "rclone do; all: also hash the others and record their MD5.")
 @local_run_options
 def prep_command(sources: tuple[str, ...], spec_path: str | None, include: tuple[str, ...],
                  exclude: tuple[str, ...], dry_run: bool, timeout: float | None, report_path: Path | None,
                  dest: str | None, concurrency: int | None, identity_client_id: str | None,
                  progress_interval: float, read_timeout: float, no_cache: bool | None,
-                 cache_max_size: str | None, md5: str | None, pipeline: int | None, shared_dir: str | None,
+                 cache_max_size: str | None, md5: str | None, shared_dir: str | None,
                  job_id: str | None) -> None:
     """Download a job's common input into the node's shared directory.
 
@@ -177,7 +184,7 @@ def prep_command(sources: tuple[str, ...], spec_path: str | None, include: tuple
     a local folder. NAME=SOURCE names the folder. Safe to run again: unchanged files are
     skipped, missing, partial or changed ones repaired.
     """
-    from nodekit.prep import DEFAULT_CONCURRENCY, PIPELINE_DEPTH, PrepOptions, run_prep
+    from nodekit.prep import DEFAULT_CONCURRENCY, PrepOptions, run_prep
 
     spec = load_spec(spec_path) if spec_path else Spec()
     if sources and spec.prep.sources:
@@ -196,15 +203,14 @@ def prep_command(sources: tuple[str, ...], spec_path: str | None, include: tuple
         read_timeout=read_timeout,
         cache=not (no_cache if no_cache is not None else not settings.cache),
         cache_max_size=cache_max_size or settings.cache_max_size or "50%",
-        md5=md5 or settings.md5 or "all",
-        pipeline=pipeline or settings.pipeline or PIPELINE_DEPTH,
+        md5=md5 or settings.md5 or "source",
     )
     from nodekit.spec import parse_budget
 
     parse_budget(opts.cache_max_size)  # a bad budget is a usage error before anything happens
     env = BatchEnv.from_environ(os.environ).with_overrides(shared_dir=shared_dir, job_id=job_id or spec.job_id)
     creds = CredentialEnv.from_environ(os.environ, client_id=identity_client_id)
-    result = run_prep(opts, env, creds, emit=click.echo)
+    result = run_prep(opts, env, creds, emit=click.echo, net=_net(read_timeout))
     click.echo(result.summary())
 
 
@@ -267,7 +273,7 @@ def release_command(upload_to: str | None, spec_path: str | None, logs: tuple[st
     env = BatchEnv.from_environ(os.environ).with_overrides(
         shared_dir=shared_dir, job_id=job_id or spec.job_id, node_id=node_id, root_dir=root_dir)
     creds = CredentialEnv.from_environ(os.environ, client_id=identity_client_id)
-    result = run_release(opts, env, creds, emit=click.echo)
+    result = run_release(opts, env, creds, emit=click.echo, net=_net())
     click.echo(result.summary())
     if result.exit_code:
         raise click.exceptions.Exit(int(result.exit_code))
@@ -366,7 +372,7 @@ def cmdline_command(sources: tuple[str, ...], spec_path: str | None, target_os: 
         prep_timeout=timeout or spec.prep.timeout or 3600.0, concurrency=spec.prep.concurrency,
         cache=not (no_cache if no_cache is not None else not spec.prep.cache),
         cache_max_size=cache_max_size or spec.prep.cache_max_size,
-        md5=md5 or spec.prep.md5, pipeline=spec.prep.pipeline,
+        md5=md5 or spec.prep.md5,
         release=release, identity_client_id=identity_client_id, os=target_os,
         wheel_url=wheel_url, prep_retries=prep_retries, retention=retention, env=tuple(pairs),
         **({"install": install} if install else {}),

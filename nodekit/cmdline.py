@@ -66,7 +66,6 @@ class Description:
     cache: bool = True
     cache_max_size: str | None = None
     md5: str | None = None  # prep --md5 (None: prep's default)
-    pipeline: int | None = None  # prep --pipeline (None: prep's default)
 
 
 def iso_duration(seconds: float) -> str:
@@ -150,8 +149,6 @@ def prep_args(desc: Description) -> list[str]:
     args += ["--timeout", f"{int(desc.prep_timeout)}"]
     if desc.concurrency:
         args += ["--concurrency", str(desc.concurrency)]
-    if desc.pipeline:
-        args += ["--pipeline", str(desc.pipeline)]
     if desc.md5:
         args += ["--md5", desc.md5]
     if not desc.cache:

@@ -53,20 +53,17 @@ def _seed_azurite(endpoint: str) -> tuple[str, str]:
     from nodekit.credentials import CredentialEnv
     from nodekit.spec import parse_source
     from nodekit.storage import RunContext
-    from nodekit.storage.azure import DEV_KEY, create_container
     from nodekit.storage.factory import open_destination
-    from nodekit.storage.http import HttpClient
     from nodekit.storage.local import LocalStore
+    from nodekit.storage.net import NetConfig
 
     base = endpoint.rstrip("/")
     creds = CredentialEnv.from_environ(_azurite_env(base))
-    http = HttpClient(RunContext(timeout=60))
+    net, ctx = NetConfig(), RunContext(timeout=60)
     source, logs = f"{base}/{DEV_ACCOUNT}/nodekit-demo-input", f"{base}/{DEV_ACCOUNT}/nodekit-demo-logs"
     for url in (source, logs):
-        loc = parse_source(url, name="c").blob
-        assert loc is not None
-        create_container(loc, DEV_KEY, http)
-    dest = open_destination(parse_source(source, name="in"), creds, http)
+        open_destination(parse_source(url, name="c"), creds, net, ctx).create_container()  # type: ignore[attr-defined]
+    dest = open_destination(parse_source(source, name="in"), creds, net, ctx)
     sample = LocalStore(str(Path(__file__).parent / "sample"))
     for f in sample.list_files():
         chunks: list[bytes] = []

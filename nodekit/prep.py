@@ -26,32 +26,33 @@ from nodekit.spec import SourceSpec
 from nodekit.state import STATE_FILE, JobLock, StateStore
 from nodekit.storage import RemoteFile, RunContext, Store
 from nodekit.storage.factory import open_store
-from nodekit.storage.http import HttpClient
-from nodekit.storage.pipeline import DEFAULT_DEPTH as PIPELINE_DEPTH
+from nodekit.storage.net import NetConfig
 
 if TYPE_CHECKING:
     from nodekit.cache import NodeCache
     from nodekit.transfer import Downloader
 
-# The download machinery (transfer, cache, pipeline) is imported only when there is something
+# The download machinery (transfer, cache, the download engine) is imported only when there is something
 # to download: a warm re-run, which only lists and decides, does not pay for it.
 
 log = logging.getLogger(__name__)
 
-def default_concurrency(cpus: int | None = None, memory: int | None = None) -> int:
-    """Transfers in flight by default: 8 per CPU, at most 64, and at most one per 32 MiB of memory.
+def default_concurrency(memory: int | None = None) -> int:
+    """Requests in flight by default: 64, and at most one per 16 MiB of memory.
 
-    Each transfer holds one 1 MiB buffer (files are streamed, never held whole), so memory stays
-    bounded whatever the file sizes; the memory term only matters on very small nodes.
+    On a node the time of a small file is the server's time per request, not the node's CPU:
+    what counts is how many requests are in flight (measured on the latency bench, README
+    performance section: 64 connections of one request each were the fastest). Each transfer
+    holds at most one 512 KiB buffer of libcurl's (files are streamed, never held whole), so
+    memory stays bounded whatever the file sizes; the memory term only matters on tiny nodes.
     """
-    cpus = cpus or os.cpu_count() or 2
     if memory is None:
         try:
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (AttributeError, ValueError, OSError):  # pragma: no cover - Windows
             memory = 0
-    by_memory = memory // (32 * 1024 * 1024) if memory else 64
-    return max(2, min(64, 8 * cpus, by_memory))
+    by_memory = memory // (16 * 1024 * 1024) if memory else 64
+    return max(4, min(64, by_memory))
 
 
 DEFAULT_CONCURRENCY = default_concurrency()
@@ -75,8 +76,7 @@ class PrepOptions:
     read_timeout: float = 60.0
     cache: bool = True
     cache_max_size: str = "50%"
-    md5: str = "all"  # "source": files without a source MD5 are not hashed
-    pipeline: int = PIPELINE_DEPTH
+    md5: str = "source"  # "all": files without a source MD5 are hashed too, and their MD5 recorded
 
 
 @dataclass
@@ -154,6 +154,7 @@ class PrepResult:
         if unverified and not self.dry_run:
             hashed = sum(1 for f in self.files if f.action is Action.DOWNLOAD and f.verified is False and f.md5)
             text += (f"; {unverified} without a source checksum (MD5 recorded)" if hashed == unverified else
+                     f"; {unverified} without a source checksum (size checked)" if not hashed else
                      f"; {unverified} without a source checksum ({hashed} hashed)")
         return text
 
@@ -207,8 +208,10 @@ def _some(items: list[str]) -> str:
 
 
 def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
-             emit: Callable[[str], None] = print) -> PrepResult:
-    """Bring the job folder in line with the sources. See the module docstring for what is safe."""
+             emit: Callable[[str], None] = print, net: NetConfig | None = None) -> PrepResult:
+    """Bring the job folder in line with the sources. See the module docstring for what is safe.
+
+    `net` says how to reach storage (trust, timeouts; the CLI reads it from the environment)."""
     import sys
 
     # Threads here mostly wait on sockets; when one has a response to handle it should not wait
@@ -219,8 +222,9 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
     shared, job_dir = job_folder(env, opts.dest)
     ensure_inside(shared, job_dir, what="the job folder", strict_child=True)
     ctx = RunContext(timeout=opts.timeout)
-    http = HttpClient(ctx, read_timeout=opts.read_timeout)
-    stores = [open_store(s, creds, http) for s in opts.sources]
+    net = net or NetConfig(read_timeout=opts.read_timeout)
+    net.read_timeout = opts.read_timeout
+    stores = [open_store(s, creds, net, ctx) for s in opts.sources]
     result = PrepResult(job_dir, [{"name": s.name, "source": st.display, "credential": st.credential_kind}
                                   for s, st in zip(opts.sources, stores, strict=False)], dry_run=opts.dry_run)
     state = StateStore(job_dir)
@@ -266,7 +270,7 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
             if removals:
                 remove_placed(job_dir, removals, state)
             if to_get:
-                errors = _download(opts, shared, job_dir, stores, ctx, state, to_get, emit, result, placed)
+                errors = _download(opts, shared, job_dir, stores, ctx, net, state, to_get, emit, result, placed)
         finally:
             for f in result.files:
                 if f.action in (Action.REMOVE, Action.FORGET):
@@ -325,8 +329,8 @@ class _LocalScan:
 
 
 def _download(opts: PrepOptions, shared: Path, job_dir: Path, stores: list[Store], ctx: RunContext,
-              state: StateStore, to_get: list[PlannedFile], emit: Callable[[str], None], result: PrepResult,
-              placed: dict[str, Any]) -> list[NodekitError]:
+              net: NetConfig, state: StateStore, to_get: list[PlannedFile], emit: Callable[[str], None],
+              result: PrepResult, placed: dict[str, Any]) -> list[NodekitError]:
     """Fetch `to_get`, from the node's cache where it has them; `placed` gets the record of each file
     put in place (also when the run fails part-way). Returns the errors, the first fatal one first."""
     from nodekit.cache import cache_key
@@ -337,8 +341,8 @@ def _download(opts: PrepOptions, shared: Path, job_dir: Path, stores: list[Store
     keys = {f.path: cache_key(stores[f.source or 0].display, f.remote) for f in to_get if f.remote} \
         if cache else {}
     progress = Progress(len(to_get), sum(f.remote.size for f in to_get if f.remote), emit, opts.progress_interval)
-    downloader = Downloader(job_dir, stores, ctx, state, opts.concurrency, progress, opts.read_timeout,
-                            pipeline=opts.pipeline, hash_all=opts.md5 != "source")
+    downloader = Downloader(job_dir, stores, ctx, state, opts.concurrency, progress, net, opts.read_timeout,
+                            hash_all=opts.md5 == "all")
     try:
         if cache is not None:
             to_get = [f for f in to_get if not _from_cache(cache, downloader, f, keys[f.path])]

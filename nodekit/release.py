@@ -36,7 +36,7 @@ from nodekit.report import report_path, write_report
 from nodekit.spec import SourceSpec
 from nodekit.storage import CHUNK, RunContext, WritableStore
 from nodekit.storage.factory import open_destination
-from nodekit.storage.http import HttpClient
+from nodekit.storage.net import NetConfig
 
 log = logging.getLogger(__name__)
 
@@ -387,8 +387,10 @@ class _Uploader:
 
 
 def run_release(opts: ReleaseOptions, env: BatchEnv, creds: CredentialEnv,
-                emit: Callable[[str], None] = print) -> ReleaseResult:
-    """Keep the job's logs and dumps, then wipe its data. See the module docstring."""
+                emit: Callable[[str], None] = print, net: NetConfig | None = None) -> ReleaseResult:
+    """Keep the job's logs and dumps, then wipe its data. See the module docstring.
+
+    `net` says how to reach storage (trust, timeouts; the CLI reads it from the environment)."""
     started = time.monotonic()
     places = job_places(env)
     reserve = min(60.0, 0.2 * opts.deadline)  # time kept back for the wipe
@@ -412,10 +414,9 @@ def run_release(opts: ReleaseOptions, env: BatchEnv, creds: CredentialEnv,
         result.elapsed = time.monotonic() - started
         return result
 
-    http = HttpClient(ctx)
     failure: NodekitError | None = None
     try:
-        store = open_destination(opts.upload_to, creds, http)
+        store = open_destination(opts.upload_to, creds, net or NetConfig(), ctx)
         up = _Uploader(store, prefix, places, result)
         if logs:
             files = {c.name: [c.size, c.mtime_ns] for c in logs}

@@ -256,7 +256,6 @@ class PrepSettings:
     cache: bool = True
     cache_max_size: str | None = None
     md5: str | None = None
-    pipeline: int | None = None
 
 
 MD5_POLICIES = ("all", "source")
@@ -286,8 +285,7 @@ class Spec:
 
 
 _TOP_KEYS = {"nodekit", "job_id", "pool_id", "prep", "release"}
-_PREP_KEYS = {"sources", "include", "exclude", "timeout", "dest", "concurrency", "cache", "cache_max_size", "md5",
-              "pipeline"}
+_PREP_KEYS = {"sources", "include", "exclude", "timeout", "dest", "concurrency", "cache", "cache_max_size", "md5"}
 _SOURCE_KEYS = {"url", "name", "kind", "include", "exclude"}
 _RELEASE_KEYS = {"upload_to", "logs", "dumps", "deadline", "wipe_on_upload_failure", "wipe_task_dirs",
                  "purge_cache"}
@@ -319,6 +317,9 @@ def parse_spec(data: Any, *, origin: str = "description") -> Spec:
     prep_data = data.get("prep", {})
     if not isinstance(prep_data, dict):
         raise UsageError(f"{origin}: 'prep' must be an object.")
+    if "pipeline" in prep_data:
+        raise UsageError(f"{origin}: prep.pipeline is gone (nodekit no longer pipelines requests; "
+                         "prep.concurrency sets the requests in flight): remove it.")
     _check_keys(prep_data, _PREP_KEYS, f"{origin} prep")
     sources = []
     raw_sources = prep_data.get("sources", [])
@@ -353,12 +354,8 @@ def parse_spec(data: Any, *, origin: str = "description") -> Spec:
     md5 = prep_data.get("md5")
     if md5 is not None and md5 not in MD5_POLICIES:
         raise UsageError(f"{origin}: prep.md5 must be \"all\" or \"source\".")
-    pipeline = prep_data.get("pipeline")
-    if pipeline is not None and (type(pipeline) is not int or not 1 <= pipeline <= 64):
-        raise UsageError(f"{origin}: prep.pipeline must be a whole number from 1 to 64.")
     prep = PrepSettings(
         md5=md5,
-        pipeline=pipeline,
         cache=prep_data.get("cache", True),
         cache_max_size=prep_data.get("cache_max_size"),
         sources=tuple(sources),

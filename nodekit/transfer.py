@@ -1,18 +1,18 @@
-"""Carry out downloads: atomic placement, verification, progress (the decision is in plan.py).
+"""Carry out downloads: scheduling, large files in ranges, progress (the decision is in plan.py,
+the landing of each file in land.py).
 
-`Downloader` streams files into a temporary name in the destination folder: files up to 16 MiB
-as pipelined GETs (storage/pipeline.py), larger ones as parallel ranges written with `pwrite`
-and hashed in order as they complete, anything that fails there again through the store with
-retries. It verifies size and Content-MD5, sets the source's modification time, renames into
-place with `os.replace`, and only then journals the record. Every failure path removes its
-temporary file. Imported only when something is to be downloaded.
+`Downloader.run` sends the files of stores that speak HTTP (Azure, a plain URL) to one download
+engine (storage/fetch.py: libcurl, `concurrency` requests in flight); files over 16 MiB go as
+parallel ranges written in place with `pwrite`, hashed in order as the ranges complete (in a
+thread of their own) when an MD5 is wanted. Files of a local folder are copied by a few threads.
+Every file is checked (size always; MD5 when the source has one, or with `--md5 all` recorded),
+given the source's modification time, renamed into place and only then journalled. Every failure
+path removes its temporary file. Imported only when something is to be downloaded.
 """
 
 from __future__ import annotations
 
-import base64
 import errno
-import functools
 import hashlib
 import logging
 import os
@@ -20,13 +20,13 @@ import stat
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from nodekit.errors import IntegrityError, LocalIOError, NodekitError, UnsafeInput
-from nodekit.names import PARTIAL_SUFFIX
+from nodekit.land import Landing, check, mtime_ns, partial_name
 from nodekit.plan import (  # noqa: F401  (Action, LocalStat, decide, human_bytes: re-exported)
     Action,
     LocalStat,
@@ -38,32 +38,15 @@ from nodekit.plan import (  # noqa: F401  (Action, LocalStat, decide, human_byte
 )
 from nodekit.state import Record, StateStore
 from nodekit.storage import CHUNK, RunContext, Store
-from nodekit.storage.http import RETRY_STATUS, retry_after_seconds
-from nodekit.storage.pipeline import DEFAULT_DEPTH, Body, Endpoint, Failure, Get, RangeReader, fetch_pipelined
-from nodekit.storage.wire import split_url
+from nodekit.storage.net import NetConfig
 
 log = logging.getLogger(__name__)
 
 RANGE_THRESHOLD = 16 * 1024 * 1024  # files above this are fetched as parallel ranges
-RANGE_SIZE = 64 * 1024 * 1024  # 8 MiB ranges cost Azurite 2x the CPU for the same bytes (measured)
+RANGE_SIZE = 64 * 1024 * 1024  # the largest range
+MIN_RANGE = 8 * 1024 * 1024  # the smallest range (when large files are few, they are cut finer)
 INTEGRITY_ATTEMPTS = 3
-
-
-@functools.lru_cache(maxsize=4096)
-def _mtime_ns(last_modified: str) -> int | None:
-    """The source's modification time in ns, from RFC 1123 or ISO 8601 text."""
-    if not last_modified:
-        return None
-    import email.utils
-
-    try:
-        when = email.utils.parsedate_to_datetime(last_modified)
-    except (TypeError, ValueError):
-        try:
-            when = datetime.fromisoformat(last_modified)
-        except ValueError:
-            return None
-    return int(when.timestamp() * 1_000_000_000)
+LOCAL_WORKERS = 8  # threads copying from a local folder
 
 
 class Progress:
@@ -110,175 +93,104 @@ class Progress:
             self._thread.join()
 
 
-class _Writer:
-    """Positional writes into one file from many threads (pwrite where the OS has it)."""
-
-    def __init__(self, path: Path, size: int) -> None:
-        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
-        self.fd = os.open(path, flags, 0o644)
-        self._lock = threading.Lock()
-        try:
-            os.ftruncate(self.fd, size)
-        except OSError:
-            os.close(self.fd)
-            raise
-
-    def write_at(self, data: bytes | memoryview, offset: int) -> None:
-        if hasattr(os, "pwrite"):
-            while data:
-                n = os.pwrite(self.fd, data, offset)
-                data, offset = data[n:], offset + n
-            return
-        with self._lock:  # pragma: no cover - Windows
-            os.lseek(self.fd, offset, os.SEEK_SET)
-            while data:
-                data = data[os.write(self.fd, data):]
-
-    def close(self) -> None:
-        os.close(self.fd)
+def range_size(big_bytes: int, concurrency: int) -> int:
+    """The size of the ranges large files are cut into: enough ranges to use `concurrency` connections,
+    none smaller than MIN_RANGE (per-request costs) nor larger than RANGE_SIZE (memory, resumption)."""
+    smallest = min(MIN_RANGE, RANGE_SIZE)
+    want = -(-big_bytes // max(1, concurrency))
+    mib = 1024 * 1024
+    return max(smallest, min(RANGE_SIZE, -(-want // mib) * mib))
 
 
 @dataclass
 class _BigFile:
-    """A large file being fetched as ranges; the worker that finishes the last range places it."""
+    """A large file fetched as ranges into one temporary file; the last range to finish places it."""
 
     item: PlannedFile
     final: Path
     tmp: Path
-    pending: int
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    writer: _Writer | None = None
-    failed: bool = False
-    # The MD5 follows the ranges as they complete, in order (reading each back from the page cache),
-    # so that hashing overlaps the rest of the download instead of following it.
-    hasher: Any = None  # None: no MD5 wanted, or no positional reads here (hashed at the end)
+    ranges: list[tuple[int, int]]
+    attempt: int = 1
+    fd: int = -1
+    pending: int = 0
+    failed: NodekitError | None = None
+    hasher: Any = None  # None: no MD5 wanted
     hashed_to: int = 0  # bytes [0, hashed_to) are in the hasher
     done: dict[int, int] = field(default_factory=dict)  # completed ranges not yet hashed: start -> end
-    hashing: bool = False  # a thread is feeding the hasher
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def begin(self) -> None:
+        """Open (and size) the temporary file when the first range starts."""
+        if self.fd < 0:
+            flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
+            self.fd = os.open(self.tmp, flags, 0o644)
+            assert self.item.remote is not None
+            os.ftruncate(self.fd, self.item.remote.size)
 
-class _Dropped:
-    """A body nobody wants (the run is stopping, or its file could not be opened)."""
-
-    def write(self, data: memoryview) -> None:
-        return None
-
-    def finish(self) -> None:
-        return None
-
-    def discard(self) -> None:
-        return None
-
-
-_DROPPED = _Dropped()
-_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
-_UTIME_FD = os.utime in os.supports_fd
-
-
-class _Incoming:
-    """A file arriving through the pipeline: written to its temporary name and hashed as it comes,
-    then verified and placed by `finish` (or fetched again through the pool if it does not verify)."""
-
-    __slots__ = ("dl", "error", "fd", "final", "hasher", "item", "size", "tmp")
-
-    def __init__(self, dl: Downloader, item: PlannedFile) -> None:
-        self.dl = dl
-        self.item = item
-        parent, _, name = item.path.rpartition("/")  # plain strings: this runs once per file
-        folder = dl.job_root + parent.replace("/", os.sep) if parent else dl.job_root[:-1]
-        if folder not in dl._folders_ok:
-            dl._ensure_parent(dl._final(item.path))
-            dl._folders_ok.add(folder)
-        self.final = f"{folder}{os.sep}{name}"
-        self.tmp = f"{folder}{os.sep}.{name}{PARTIAL_SUFFIX}"
-        self.fd = os.open(self.tmp, _FLAGS, dl.file_mode)
-        self.hasher = dl._hasher(item)
-        self.size = 0
-        self.error: OSError | None = None
-
-    def write(self, data: memoryview) -> None:
-        self.size += len(data)
-        if self.hasher is not None:
-            self.hasher.update(data)
-        if self.error is None:
-            try:
-                while data:
-                    data = data[os.write(self.fd, data):]
-            except OSError as err:
-                self.error = err  # reported by finish; the rest of the body is only read
-
-    def discard(self) -> None:
-        os.close(self.fd)
-        self.fd = -1
-        _unlink_quietly(self.tmp)
-
-    def finish(self) -> None:
-        dl, item = self.dl, self.item
-        try:
-            if self.error is not None:
-                raise self.error
-            try:
-                md5, verified = dl._check(item, self.size, self.hasher)
-            except IntegrityError as err:
-                self.discard()
-                log.debug("%s: %s; fetching it again with retries", item.path, err)
-                dl.ctx.retry_delay(1)  # counted as a retry, like a mismatch on the pool's path
-                dl._refetch(item, 0.0)
-                return
-            assert item.remote is not None
-            mtime = _mtime_ns(item.remote.last_modified)
-            if mtime is not None and _UTIME_FD:
-                os.utime(self.fd, ns=(mtime, mtime))
-            st = os.fstat(self.fd)
+    def close(self) -> None:
+        if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-            if mtime is not None and not _UTIME_FD:  # pragma: no cover - Windows
-                os.utime(self.tmp, ns=(mtime, mtime))
-                st = os.stat(self.tmp)
-            os.replace(self.tmp, self.final)
-        except BaseException as err:
-            if self.fd >= 0:
-                os.close(self.fd)
-                self.fd = -1
-            _unlink_quietly(self.tmp)
-            if isinstance(err, IsADirectoryError):
-                err = LocalIOError(f"{self.final} is a folder where the source has a file; remove it and run again.")
-            elif isinstance(err, OSError):
-                err = _disk_error(err, Path(self.tmp))
-            if not isinstance(err, Exception):
-                raise
-            dl._fail(item, err)
-            return
-        dl.progress.add_bytes(self.size)
-        dl._record(item, self.final, md5, verified, st=st)
+
+
+class _Part:
+    """One range of a _BigFile: pwrite at its position."""
+
+    __slots__ = ("big", "on_bytes", "pos", "start", "tmp")
+
+    def __init__(self, big: _BigFile, start: int, on_bytes: Callable[[int], None]) -> None:
+        self.big = big
+        self.start = start
+        self.pos = start
+        self.on_bytes = on_bytes
+        self.tmp = str(big.tmp)
+
+    def begin(self) -> None:
+        self.big.begin()
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = _pwrite(self.big.fd, view, self.pos)
+            view = view[n:]
+            self.pos += n
+        self.on_bytes(len(data))
+
+    def rewind(self) -> None:
+        self.pos = self.start
+
+
+def _pwrite(fd: int, data: memoryview, offset: int) -> int:
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, data, offset)
+    os.lseek(fd, offset, os.SEEK_SET)  # pragma: no cover - Windows: one engine thread writes
+    return os.write(fd, data)  # pragma: no cover
 
 
 class Downloader:
     """Downloads planned files into `job_dir`; safe to re-run after any interruption."""
 
     def __init__(self, job_dir: Path, stores: list[Store], ctx: RunContext, state: StateStore,
-                 concurrency: int, progress: Progress, read_timeout: float = 60.0,
-                 pipeline: int = DEFAULT_DEPTH, hash_all: bool = True) -> None:
+                 concurrency: int, progress: Progress, net: NetConfig | None = None, read_timeout: float = 60.0,
+                 hash_all: bool = False) -> None:
         self.job_dir = job_dir
         self.stores = stores
         self.ctx = ctx
         self.state = state
         self.concurrency = concurrency
-        self.pipeline = pipeline
-        self.hash_all = hash_all  # False: files without a source MD5 are not hashed (--md5 source)
-        self._ranges = RangeReader(read_timeout)
-        self.progress = progress
+        self.net = net or NetConfig(read_timeout=read_timeout)
         self.read_timeout = read_timeout
-        self._refetch: Callable[[PlannedFile, float], None] = self._whole
+        self.hash_all = hash_all  # True (--md5 all): hash every file; else only those with a source MD5
+        self.progress = progress
         self.on_placed: Callable[[PlannedFile], None] | None = None  # called for each file downloaded and placed
+        self.file_mode = 0o644  # 0o444 when the cache will take the files anyway (saves a chmod each)
+        self.placed: dict[str, Record] = {}
         self._errors: list[NodekitError] = []
         self._dirs_ok: set[Path] = {job_dir}
-        self.job_root = str(job_dir) + os.sep
-        self._folders_ok: set[str] = set()  # parent folders (as strings) known to exist, for _Incoming
-        self.file_mode = 0o644  # 0o444 when the cache will take the files anyway (saves a chmod each)
         self._dirs_lock = threading.Lock()
-        self.placed: dict[str, Record] = {}
         self._placed_lock = threading.Lock()
+        self._engine: Any = None
+        self._hashing: ThreadPoolExecutor | None = None
 
     # -- paths -----------------------------------------------------------------------------
     def _ensure_parent(self, final: Path) -> None:
@@ -308,81 +220,260 @@ class Downloader:
     def _final(self, path: str) -> Path:
         return self.job_dir.joinpath(*path.split("/"))
 
+    def _hash_wanted(self, item: PlannedFile) -> bool:
+        return self.hash_all or bool(item.remote and item.remote.content_md5)
+
+    def _landing(self, item: PlannedFile) -> Landing:
+        assert item.remote is not None
+        final = self._final(item.path)
+        self._ensure_parent(final)
+        return Landing(item.path, item.remote, str(final), hash_wanted=self._hash_wanted(item), mode=self.file_mode,
+                       on_bytes=self.progress.add_bytes)
+
     # -- running ---------------------------------------------------------------------------
     def run(self, items: list[PlannedFile]) -> list[NodekitError]:
-        """Download every item (action DOWNLOAD); return the errors (the first fatal one stops the rest).
-
-        Large files go as parallel ranges to a thread pool; the other files of a store that
-        speaks HTTP go through pipelined connections (storage/pipeline.py), and any of those that
-        does not come back as a clean 200 is fetched again by the pool, with retries.
-        """
+        """Download every item (action DOWNLOAD); return the errors (the first fatal one stops the rest)."""
         self._errors = []
-        from concurrent.futures import Future, ThreadPoolExecutor  # not paid for by a warm re-run
-
-        big = [i for i in items if i.remote and i.remote.size > RANGE_THRESHOLD
-               and self.stores[i.source or 0].supports_ranges(i.remote)]
-        big.sort(key=lambda i: -(i.remote.size if i.remote else 0))
-        ranged = {id(i) for i in big}  # by identity: PlannedFile's == compares every field
-        fast: dict[Endpoint, list[Get]] = {}
-        threaded: list[PlannedFile] = []
-        for item in items:
-            if id(item) in ranged:
-                continue
-            get = self._fast_get(item)
-            if get is None:
-                threaded.append(item)
-            else:
-                fast.setdefault(get[0], []).append(get[1])
-        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="nodekit-dl") as pool:
-            futures: list[Future[None]] = []
-            for item in big:
-                assert item.remote is not None
-                final = self._final(item.path)
-                ranges = [(s, min(RANGE_SIZE, item.remote.size - s)) for s in range(0, item.remote.size, RANGE_SIZE)]
-                job = _BigFile(item, final, final.with_name("." + final.name + PARTIAL_SUFFIX), len(ranges))
-                futures += [pool.submit(self._guard, self._range, job, s, n) for s, n in ranges]
-            futures += [pool.submit(self._guard, self._whole, item) for item in threaded]
-
-            def refetch(item: PlannedFile, delay: float = 0.0) -> None:
-                futures.append(pool.submit(self._guard, self._whole, item, delay))
-
-            def on_fallback(get: Get, failure: Failure) -> float:
-                """Hand the file to the pool; a retryable failure counts as a retry and backs off first."""
-                delay = self._retry_delay(failure)
-                log.debug("%s: %s on the pipelined path; fetching it again with retries", get.item.path, failure.why)
-                refetch(get.item, delay)
-                return delay
-
-            self._refetch = refetch
-            try:
-                for endpoint, gets in fast.items():
-                    fetch_pipelined(endpoint, gets, connections=self._pipelined_connections(), depth=self.pipeline,
-                                    read_timeout=self.read_timeout, receiver=self, on_fallback=on_fallback,
-                                    stop=self.ctx.stop)
-            except Exception as err:  # a bug in a connection thread: stop cleanly, report it
-                self._errors.append(NodekitError(f"unexpected error while downloading: {type(err).__name__}: {err}"))
-            finally:
-                for f in futures:
-                    f.result()
-                self._refetch = self._whole
+        http = [i for i in items if hasattr(self.stores[i.source or 0], "get_request")]
+        local = [i for i in items if not hasattr(self.stores[i.source or 0], "get_request")]
+        pool = ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, LOCAL_WORKERS)),
+                                  thread_name_prefix="nodekit-copy") if local else None
+        futures: list[Future[None]] = []
+        try:
+            if pool is not None:
+                futures = [pool.submit(self._guard, self._whole, item) for item in local]
+            if http:
+                self._run_http(http)
+        except Exception as err:  # a bug in the engine: stop cleanly, report it
+            self.ctx.stop.set()
+            self._errors.append(NodekitError(f"unexpected error while downloading: {type(err).__name__}: {err}"))
+            log.debug("engine failure", exc_info=err)
+        finally:
+            for f in futures:
+                f.result()
+            if pool is not None:
+                pool.shutdown()
+            if self._hashing is not None:
+                self._hashing.shutdown()
         return self._errors
 
-    def _retry_delay(self, failure: Failure) -> float:
-        """What a failure of a fast path costs before the file is fetched again: a retry and its backoff
-        when a retry may help (a network failure or a retryable status), nothing otherwise."""
-        if failure.status is None or failure.status in RETRY_STATUS:
-            return self.ctx.retry_delay(1, retry_after_seconds(failure.retry_after))
-        return 0.0
+    def _run_http(self, items: list[PlannedFile]) -> None:
+        from nodekit.storage.fetch import CurlEngine, Get
 
-    def _pipelined_connections(self) -> int:
-        """Connections for the pipelined path: `concurrency` requests in flight in all (at least 2 connections,
-        so that one slow response does not hold everything up)."""
-        return max(2, -(-self.concurrency // max(1, self.pipeline)))
+        engine = CurlEngine(self.net, self.ctx, self.concurrency, self.read_timeout)
+        self._engine = engine
+        big = [i for i in items if i.remote and i.remote.size > RANGE_THRESHOLD
+               and self.stores[i.source or 0].supports_ranges(i.remote)]
+        big_ids = {id(i) for i in big}
+        size = range_size(sum(i.remote.size for i in big if i.remote), self.concurrency)
+        gets: list[Get] = []
+        for item in sorted(big, key=lambda i: -(i.remote.size if i.remote else 0)):
+            gets += self._big_gets(item, size, 1)
+        for item in items:
+            if id(item) not in big_ids:
+                try:
+                    gets.append(self._small_get(item))
+                except NodekitError as err:
+                    self._fail(item, err)
+        engine.run(gets, self._done)
+
+    def _request(self, item: PlannedFile) -> dict[str, Any]:
+        """What every Get of `item` shares: URL, headers, credential, names for messages."""
+        store: Any = self.stores[item.source or 0]
+        assert item.remote is not None
+        url, headers = store.get_request(item.remote)
+        access = getattr(store, "access", None)
+        return {"url": url, "headers": headers, "what": f"downloading {item.path}", "where": store.where(item.remote),
+                "token": access.token if access is not None else None,
+                "credential": access.info() if access is not None else None,
+                "follow": bool(getattr(store, "follow_redirects", False))}
+
+    def _small_get(self, item: PlannedFile) -> Any:
+        from nodekit.storage.fetch import Get
+
+        assert item.remote is not None
+        return Get(start=0, end=item.remote.size, body=self._landing(item), ranged=False, item=item,
+                   **self._request(item))
+
+    def _big_gets(self, item: PlannedFile, size: int, attempt: int) -> list[Any]:
+        from nodekit.storage.fetch import Get
+
+        remote = item.remote
+        assert remote is not None
+        final = self._final(item.path)
+        self._ensure_parent(final)
+        ranges = [(s, min(s + size, remote.size)) for s in range(0, remote.size, size)]
+        big = _BigFile(item, final, final.with_name(partial_name(final.name)), ranges, attempt=attempt,
+                       pending=len(ranges))
+        if self._hash_wanted(item):
+            big.hasher = hashlib.md5()
+        request = self._request(item)
+        return [Get(start=s, end=e, body=_Part(big, s, self.progress.add_bytes), ranged=True, item=big, **request)
+                for s, e in ranges]
+
+    # -- completions (in the engine's thread) ----------------------------------------------------
+    def _done(self, get: Any, err: NodekitError | None) -> None:
+        from nodekit.storage.fetch import Stopped
+
+        if isinstance(get.item, _BigFile):
+            self._part_done(get.item, get.start, get.end, err)
+            return
+        item: PlannedFile = get.item
+        landing: Landing = get.body
+        if err is not None:
+            landing.discard()
+            if not isinstance(err, Stopped):
+                self._fail(item, err)
+            return
+        try:
+            md5, verified, st = landing.finish()
+        except IntegrityError as ierr:
+            get.attempt += 1
+            if get.attempt >= INTEGRITY_ATTEMPTS:
+                landing.discard()
+                self._fail(item, ierr)
+                return
+            log.debug("%s: %s; fetching it again", item.path, ierr)
+            landing.rewind()
+            get.pos = get.start
+            self._engine.add(get, self.ctx.retry_delay(get.attempt))
+            return
+        except NodekitError as nerr:
+            landing.discard()
+            self._fail(item, nerr)
+            return
+        except OSError as oerr:
+            landing.discard()
+            self._fail(item, _disk_error(oerr, Path(landing.tmp)))
+            return
+        self._record(item, landing.final, md5, verified, st=st)
+
+    def _part_done(self, big: _BigFile, start: int, end: int, err: NodekitError | None) -> None:
+        from nodekit.storage.fetch import Stopped
+
+        with big.lock:
+            big.pending -= 1
+            if err is not None and big.failed is None:
+                big.failed = err
+            last = big.pending == 0
+            failed = big.failed
+        if err is None and big.hasher is not None and failed is None:
+            big.done[start] = end
+            self._engine.hold()
+            self._hasher().submit(self._hash_ahead, big)
+        if not last:
+            return
+        if failed is not None:
+            big.close()
+            _unlink_quietly(big.tmp)
+            if not isinstance(failed, Stopped):
+                self._fail(big.item, failed)
+            return
+        if big.hasher is not None:
+            self._engine.hold()
+            self._hasher().submit(self._finish_big, big)
+        else:
+            self._finish_big(big, held=False)
+
+    def _hasher(self) -> ThreadPoolExecutor:
+        if self._hashing is None:
+            self._hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nodekit-md5")
+        return self._hashing
+
+    def _hash_ahead(self, big: _BigFile) -> None:
+        """Feed the hasher every completed range that follows on from what it has (in the hashing thread)."""
+        try:
+            while big.failed is None and not self.ctx.stop.is_set():
+                stop = big.done.pop(big.hashed_to, None)
+                if stop is None:
+                    return
+                _hash_range(big.fd, big.hashed_to, stop, big.hasher)
+                big.hashed_to = stop
+        except OSError as err:
+            big.failed = _disk_error(err, big.tmp)
+        finally:
+            self._engine.release()
+
+    def _finish_big(self, big: _BigFile, held: bool = True) -> None:
+        """Check the whole file and place it, or fetch it again (at most INTEGRITY_ATTEMPTS times)."""
+        item = big.item
+        remote = item.remote
+        assert remote is not None
+        try:
+            if big.failed is not None:
+                raise big.failed
+            size = big.hashed_to if big.hasher is not None else os.fstat(big.fd).st_size
+            try:
+                md5, verified = check(item.path, remote, size, big.hasher)
+            except IntegrityError as ierr:
+                big.close()
+                _unlink_quietly(big.tmp)
+                if big.attempt >= INTEGRITY_ATTEMPTS:
+                    raise
+                log.warning("%s: %s; fetching it again", item.path, ierr)
+                delay = self.ctx.retry_delay(big.attempt)
+                for get in self._big_gets(item, big.ranges[0][1] - big.ranges[0][0], big.attempt + 1):
+                    self._engine.add(get, delay)
+                return
+            mtime = mtime_ns(remote.last_modified)
+            if mtime is not None:
+                os.utime(big.fd if os.utime in os.supports_fd else big.tmp, ns=(mtime, mtime))
+            st = os.fstat(big.fd)
+            big.close()
+            os.replace(big.tmp, big.final)
+            self._record(item, big.final, md5, verified, st=st)
+        except Exception as err:
+            big.close()
+            _unlink_quietly(big.tmp)
+            if isinstance(err, IsADirectoryError):
+                err = LocalIOError(f"{big.final} is a folder where the source has a file; remove it and run again.")
+            elif isinstance(err, OSError):
+                err = _disk_error(err, big.tmp)
+            self._fail(item, err)
+        finally:
+            if held:
+                self._engine.release()
+
+    # -- local folders (a few threads) -------------------------------------------------------------
+    def _whole(self, item: PlannedFile) -> None:
+        """Copy one file of a local store: hash while writing, check, place (three tries on a mismatch)."""
+        remote = item.remote
+        assert remote is not None
+        store = self.stores[item.source or 0]
+        landing = self._landing(item)
+
+        def sink(data: bytes) -> None:
+            try:
+                landing.write(data)
+            except OSError as err:  # the disk's error, not the source's
+                raise _disk_error(err, Path(landing.tmp)) from err
+
+        try:
+            try:
+                landing.begin()
+            except OSError as err:
+                raise _disk_error(err, Path(landing.tmp)) from err
+            for attempt in range(1, INTEGRITY_ATTEMPTS + 1):
+                try:
+                    store.fetch(remote, 0, remote.size, sink)
+                    md5, verified, st = landing.finish()
+                    break
+                except IntegrityError as err:
+                    if attempt == INTEGRITY_ATTEMPTS:
+                        raise
+                    landing.rewind()
+                    self.ctx.backoff(attempt, f"copying {item.path}", str(err))
+                except OSError as err:
+                    raise _disk_error(err, Path(landing.tmp)) from err
+        except BaseException:
+            landing.discard()
+            raise
+        self._record(item, landing.final, md5, verified, st=st)
 
     def _guard(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run one unit of work; record its error on the item and stop the run when it is fatal."""
-        item: PlannedFile = args[0].item if isinstance(args[0], _BigFile) else args[0]
-        if self.ctx.stop.is_set() and fn != self._range:  # ranges run on to release their file
+        item: PlannedFile = args[0]
+        if self.ctx.stop.is_set():
             return None
         try:
             return fn(*args)
@@ -406,42 +497,6 @@ class Downloader:
         self.ctx.stop.set()
         log.error("unexpected error on %s", item.path, exc_info=err)
 
-    def _direct(self, item: PlannedFile) -> tuple[Endpoint, str, dict[str, str]] | None:
-        """(endpoint, target, headers) of a plain GET of `item`, or None when its store has no such thing."""
-        remote = item.remote
-        request = getattr(self.stores[item.source or 0], "get_request", None)
-        if remote is None or request is None:
-            return None
-        url, headers = request(remote)
-        try:
-            endpoint, target = split_url(url)
-        except ValueError:
-            return None
-        return endpoint, target, headers
-
-    def _fast_get(self, item: PlannedFile) -> tuple[Endpoint, Get] | None:
-        """The pipelined request for a file, or None when it must go through the pool."""
-        direct = self._direct(item) if self.pipeline >= 1 else None
-        if direct is None or item.remote is None:
-            return None
-        endpoint, target, headers = direct
-        # a run can outlast a bearer token: each pipelined request takes the headers of its moment
-        auth = getattr(self.stores[item.source or 0], "auth_headers", None)
-        return endpoint, Get(item, target, headers, item.remote.size, auth)
-
-    def open(self, get: Get) -> Body:
-        """Where the pipelined body of `get` goes: its temporary file (see `_Incoming`)."""
-        item: PlannedFile = get.item
-        if self.ctx.stop.is_set():
-            return _DROPPED
-        try:
-            return _Incoming(self, item)
-        except OSError as err:
-            self._fail(item, _disk_error(err, self._final(item.path)))
-        except Exception as err:
-            self._fail(item, err)
-        return _DROPPED
-
     def _record(self, item: PlannedFile, final: Path | str, md5: str | None, verified: bool, cached: bool = False,
                 st: os.stat_result | None = None) -> None:
         """Journal what was placed at `final` (`st`: its stat, if the caller has it)."""
@@ -460,14 +515,14 @@ class Downloader:
         if self.on_placed is not None and not cached:
             self.on_placed(item)
         log.debug("%s %s (%s, %s)", "from the cache" if item.cached else "downloaded", item.path,
-                  human_bytes(remote.size),
-                 "verified" if verified else "unverified: the source has no checksum; MD5 recorded")
+                  human_bytes(remote.size), "verified" if verified else
+                  ("MD5 recorded" if md5 else "no source checksum"))
 
     def place_cached(self, item: PlannedFile, obj: Path, md5: str | None, verified: bool) -> bool:
         """Put the cached object `obj` in place of `item` (a hard link, else a copy); False if it cannot."""
         final = self._final(item.path)
         self._ensure_parent(final)
-        tmp = final.with_name("." + final.name + PARTIAL_SUFFIX)
+        tmp = final.with_name(partial_name(final.name))
         try:
             if _same_file(obj, final):  # a killed run placed this very object but did not record it
                 self._record(item, final, md5, verified, cached=True)
@@ -487,255 +542,28 @@ class Downloader:
         self._record(item, final, md5, verified, cached=True)
         return True
 
-    def _hasher(self, item: PlannedFile) -> Any:
-        """An MD5 for `item`'s bytes, or None when it needs none (no source MD5 and --md5 source)."""
-        return hashlib.md5() if self.hash_all or (item.remote and item.remote.content_md5) else None
 
-    def _check(self, item: PlannedFile, got_size: int, hasher: Any) -> tuple[str | None, bool]:
-        """(md5 base64 or None if not hashed, verified) or IntegrityError."""
-        remote = item.remote
-        assert remote is not None
-        if got_size != remote.size:
-            raise IntegrityError(f"{item.path}: got {got_size} bytes, the source lists {remote.size}.")
-        if hasher is None:
-            return None, False
-        md5 = base64.b64encode(hasher.digest()).decode()
-        if remote.content_md5:
-            if md5 != remote.content_md5:
-                raise IntegrityError(f"{item.path}: MD5 {md5} does not match the source's Content-MD5 "
-                                     f"{remote.content_md5}.")
-            return md5, True
-        return md5, False
-
-    def _place(self, item: PlannedFile, tmp: Path, final: Path) -> None:
-        assert item.remote is not None
-        mtime = _mtime_ns(item.remote.last_modified)
-        try:
-            if mtime is not None:
-                os.utime(tmp, ns=(mtime, mtime))
-            os.replace(tmp, final)
-        except IsADirectoryError:
-            raise LocalIOError(f"{final} is a folder where the source has a file; remove it and run again.") from None
-        except OSError as err:
-            raise _disk_error(err, final) from err
-
-    def _stream_to(self, tmp: Path, store: Store, item: PlannedFile) -> tuple[int, Any]:
-        """Fetch `item` into `tmp` in one stream, hashing as it is written: (size, MD5 hasher or None)."""
-        remote = item.remote
-        assert remote is not None
-        hasher = self._hasher(item)
-        size = 0
-        try:
-            with open(tmp, "wb") as fh:
-                def sink(data: bytes) -> None:
-                    nonlocal size
-                    fh.write(data)
-                    if hasher is not None:
-                        hasher.update(data)
-                    size += len(data)
-                    self.progress.add_bytes(len(data))
-
-                store.fetch(remote, 0, remote.size, sink)
-        except OSError as err:
-            raise _disk_error(err, tmp) from err
-        return size, hasher
-
-    def _whole(self, item: PlannedFile, delay: float = 0.0) -> None:
-        """One request stream per file (after `delay` seconds): hash while writing, verify, place."""
-        if delay > 0 and self.ctx.stop.wait(min(delay, max(0.0, self.ctx.remaining()))):
-            return
-        remote = item.remote
-        assert remote is not None
-        store = self.stores[item.source or 0]
-        final = self._final(item.path)
-        self._ensure_parent(final)
-        tmp = final.with_name("." + final.name + PARTIAL_SUFFIX)
-        try:
-            for attempt in range(1, INTEGRITY_ATTEMPTS + 1):
-                size, hasher = self._stream_to(tmp, store, item)
-                try:
-                    md5, verified = self._check(item, size, hasher)
-                    break
-                except IntegrityError as err:
-                    if attempt == INTEGRITY_ATTEMPTS:
-                        raise
-                    self.ctx.backoff(attempt, f"downloading {item.path}", str(err))
-            self._place(item, tmp, final)
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
-        self._record(item, final, md5, verified)
-
-    def _range(self, job: _BigFile, start: int, length: int) -> None:
-        """One range of a large file; the last range to finish verifies and places the file."""
-        remote = job.item.remote
-        assert remote is not None
-        store = self.stores[job.item.source or 0]
-        ok = False
-        try:
-            with job.lock:
-                if job.failed or self.ctx.stop.is_set():
-                    return
-                if job.writer is None:
-                    self._ensure_parent(job.final)
-                    try:
-                        job.writer = _Writer(job.tmp, remote.size)
-                    except OSError as err:
-                        raise _disk_error(err, job.tmp) from err
-                    job.hasher = self._hasher(job.item) if _PREADV else None
-            writer = job.writer
-            pos = start
-
-            def sink(data: bytes | memoryview) -> None:
-                nonlocal pos
-                if job.failed or self.ctx.stop.is_set():
-                    raise _Abandoned()
-                try:
-                    writer.write_at(data, pos)
-                except OSError as err:
-                    raise _disk_error(err, job.tmp) from err
-                pos += len(data)
-                self.progress.add_bytes(len(data))
-
-            try:
-                direct = self._direct(job.item)
-                if direct is not None:  # the lean path first; what it does not deliver, the store fetches with retries
-                    _, failure = self._ranges.read(*direct, start, length, sink)
-                    if failure is not None:
-                        log.debug("%s: %s on the direct range path; going on with retries", job.item.path,
-                                  failure.why)
-                        delay = self._retry_delay(failure)
-                        if delay > 0 and self.ctx.stop.wait(min(delay, max(0.0, self.ctx.remaining()))):
-                            raise _Abandoned()
-                if pos < start + length:
-                    store.fetch(remote, pos, start + length - pos, sink)
-            except _Abandoned:
-                return
-            self._hash_ahead(job, start, start + length)  # before this range counts as done (see below)
-            ok = True
-        finally:
-            with job.lock:
-                job.failed = job.failed or not ok
-                job.pending -= 1
-                last = job.pending == 0
-            if last and job.failed:
-                self._discard_big(job)
-        if last:
-            self._finish_big(job)
-
-    def _discard_big(self, job: _BigFile) -> None:
-        if job.writer is not None:
-            job.writer.close()
-            job.writer = None
-        _unlink_quietly(job.tmp)
-
-    def _hash_ahead(self, job: _BigFile, start: int, end: int) -> None:
-        """Note the range [start, end) as complete and feed the hasher every range that now follows on.
-
-        One thread at a time feeds it; a range that completes meanwhile is picked up by that thread.
-        A range counts as done (`pending`) only after this returns, so while any thread hashes, the
-        last range has not finished: `_finish_big` never runs beside it.
-        """
-        with job.lock:
-            if job.hasher is None:
-                return
-            job.done[start] = end
-            if job.hashing:
-                return
-            job.hashing = True
-        try:
-            self._drain_hash(job, holds_turn=True)
-        except BaseException:
-            with job.lock:
-                job.hashing = False
-            raise
-
-    def _drain_hash(self, job: _BigFile, holds_turn: bool = False) -> None:
-        """Feed the hasher every completed range that follows on from what it has, in order.
-
-        With `holds_turn`, the turn to hash is given up under the same lock that finds nothing more
-        to do, so a range completing just then is never left for nobody.
-        """
-        while True:
-            with job.lock:
-                begin = job.hashed_to
-                stop = job.done.pop(begin, None)
-                if stop is None or job.failed:
-                    if holds_turn:
-                        job.hashing = False
-                    return
-            assert job.writer is not None
-            try:
-                _hash_range(job.writer.fd, begin, stop, job.hasher)
-            except OSError as err:
-                raise _disk_error(err, job.tmp) from err
-            with job.lock:
-                job.hashed_to = stop
-
-    def _finish_big(self, job: _BigFile) -> None:
-        """Finish the hash, verify the file and place it (or fetch it again in one stream)."""
-        item = job.item
-        try:
-            assert job.writer is not None
-            if job.hasher is not None:
-                self._drain_hash(job)  # whatever completed last (no other thread hashes any more)
-            job.writer.close()
-            job.writer = None
-            try:
-                if job.hasher is not None:  # a gap would show as a short size, and fail the check
-                    hasher, size = job.hasher, job.hashed_to
-                else:  # no MD5 wanted, or no positional reads on this system: hash the whole file now
-                    hasher = self._hasher(item)
-                    size = os.stat(job.tmp).st_size if hasher is None else _hash_file(job.tmp, hasher)
-            except OSError as err:
-                raise _disk_error(err, job.tmp) from err
-            try:
-                md5, verified = self._check(item, size, hasher)
-            except IntegrityError:
-                _unlink_quietly(job.tmp)
-                log.warning("%s: checksum mismatch after a ranged download; fetching it again in one stream",
-                            item.path)
-                self._whole(item)
-                return
-            self._place(item, job.tmp, job.final)
-        except BaseException:
-            self._discard_big(job)
-            raise
-        self._record(item, job.final, md5, verified)
-
-
-_PREADV = hasattr(os, "preadv")
 _HASH_BUFFERS = threading.local()
 
 
 def _hash_range(fd: int, start: int, end: int, hasher: Any) -> None:
-    """Feed bytes [start, end) of the open file `fd` to `hasher` (a reused buffer per thread)."""
+    """Feed bytes [start, end) of the open file `fd` to `hasher` (read back from the page cache)."""
     buf = getattr(_HASH_BUFFERS, "buf", None)
     if buf is None:
         buf = _HASH_BUFFERS.buf = bytearray(CHUNK * 4)
     view = memoryview(buf)
     while start < end:
-        n = os.preadv(fd, [view[:min(len(buf), end - start)]], start)
+        want = min(len(buf), end - start)
+        if hasattr(os, "preadv"):
+            n = os.preadv(fd, [view[:want]], start)
+        else:  # pragma: no cover - Windows
+            data = os.pread(fd, want, start) if hasattr(os, "pread") else b""
+            n = len(data)
+            view[:n] = data
         if n <= 0:
             raise OSError(errno.EIO, "the file is shorter than the ranges written into it")
         hasher.update(view[:n])
         start += n
-
-
-def _hash_file(path: Path, hasher: Any) -> int:
-    """Feed the file at `path` to `hasher` through one reused buffer; return its size."""
-    buf = bytearray(CHUNK * 4)
-    view = memoryview(buf)
-    size = 0
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            hasher.update(view[:n])
-            size += n
-    return size
-
-
-class _Abandoned(Exception):
-    """A range stops early because its file already failed or the run is stopping."""
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -745,5 +573,3 @@ def _same_file(a: Path, b: Path) -> bool:
     except OSError:
         return False
     return stat.S_ISREG(sb.st_mode) and (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
-
-

@@ -9,7 +9,7 @@ from nodekit.names import GlobFilter, find_collisions, glob_match, unsafe_reason
 from nodekit.redact import display_url, register_secret, scrub
 from nodekit.spec import SourceKind, parse_duration, parse_source, parse_spec, split_named
 from nodekit.storage import RemoteFile
-from nodekit.storage.http import retry_after_seconds
+from nodekit.storage.retry import retry_after_seconds
 from nodekit.transfer import Action, LocalStat, decide
 
 REMOTE = RemoteFile("a.txt", 10, "0x1", "Tue, 24 Nov 2026 10:00:00 GMT", "md5==")

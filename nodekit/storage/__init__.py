@@ -13,7 +13,11 @@ Contract of every `Store` (the same test suite runs against each implementation)
   `file`, in order, each byte exactly once, in pieces of at most 1 MiB. Transient failures are
   retried and resumed from the last byte delivered. If the file changed since it was listed,
   it raises SourceChanged (a TransientError); if it is gone, NotFound.
-- `supports_ranges(file)` says whether `fetch` with start > 0 costs no more than the range.
+- `supports_ranges(file)` says whether a read from the middle costs no more than the range.
+
+Stores that speak HTTP (Azure, a plain URL) do not `fetch` themselves: they give the request of
+each file (`get_request(file) -> (url, headers)`, `where(file)`, and `access` for the credential)
+and the download engine (storage/fetch.py) runs many of them at once.
 
 A `WritableStore` (a container or a local folder given to release) also:
 
@@ -34,7 +38,7 @@ from typing import Protocol
 
 from nodekit.errors import TransientError
 
-CHUNK = 1024 * 1024  # bytes handed to a sink at a time, and read from sockets at a time
+CHUNK = 1024 * 1024  # bytes handed to a sink at a time
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class RemoteFile:
     etag: str
     last_modified: str  # as the source reports it (RFC 1123 for HTTP, ISO 8601 for local)
     content_md5: str | None = None  # base64, when the source has one
+    tier: str | None = None  # the blob's access tier ("Archive", "Rehydrating", "Hot", ...): not part of identity
 
     @property
     def identity(self) -> dict[str, object]:

@@ -1,16 +1,16 @@
-"""Open the store a parsed source names."""
+"""Open the store a parsed source names (credentials resolved here; no request is sent yet)."""
 
 from __future__ import annotations
 
 from nodekit.credentials import CredentialEnv
 from nodekit.errors import UsageError
 from nodekit.spec import SourceKind, SourceSpec
-from nodekit.storage import Store, WritableStore
-from nodekit.storage.http import HttpClient
+from nodekit.storage import RunContext, Store, WritableStore
+from nodekit.storage.net import NetConfig
 
 
-def open_store(source: SourceSpec, creds: CredentialEnv, http: HttpClient) -> Store:
-    """A Store for `source`; credentials are resolved here (no request is sent yet)."""
+def open_store(source: SourceSpec, creds: CredentialEnv, net: NetConfig, ctx: RunContext) -> Store:
+    """A Store for `source`. Raises AccessDenied (an expired SAS) or UsageError before any request."""
     if source.kind is SourceKind.LOCAL:
         from nodekit.storage.local import LocalStore
 
@@ -20,14 +20,15 @@ def open_store(source: SourceSpec, creds: CredentialEnv, http: HttpClient) -> St
         from nodekit.storage.url import UrlStore
 
         assert source.url is not None
-        return UrlStore(source.url, http)
-    from nodekit.storage.azure import AzureBlobStore, resolve_auth
+        return UrlStore(source.url, net, ctx)
+    from nodekit.storage.auth import resolve
+    from nodekit.storage.azure import AzureBlobStore
 
     assert source.blob is not None
-    return AzureBlobStore(source.blob, resolve_auth(source.blob, creds, lifetime=http.ctx.timeout), http)
+    return AzureBlobStore(source.blob, resolve(source.blob, creds, lifetime=ctx.timeout), net, ctx)
 
 
-def open_destination(dest: SourceSpec, creds: CredentialEnv, http: HttpClient) -> WritableStore:
+def open_destination(dest: SourceSpec, creds: CredentialEnv, net: NetConfig, ctx: RunContext) -> WritableStore:
     """A WritableStore for release's --upload-to: a blob container (or folder in it) or a local folder."""
     if dest.kind is SourceKind.LOCAL:
         from nodekit.storage.local import LocalStore
@@ -36,7 +37,7 @@ def open_destination(dest: SourceSpec, creds: CredentialEnv, http: HttpClient) -
         return LocalStore(dest.path)
     if dest.kind is SourceKind.URL or dest.blob is None:
         raise UsageError(f"--upload-to {dest.display}: give a blob container URL or a folder, not a file URL.")
-    from nodekit.storage.azure import AzureBlobStore, resolve_auth
+    from nodekit.storage.auth import resolve
+    from nodekit.storage.azure import AzureBlobStore
 
-    auth = resolve_auth(dest.blob, creds, permission="rcwl", lifetime=http.ctx.timeout)
-    return AzureBlobStore(dest.blob, auth, http)
+    return AzureBlobStore(dest.blob, resolve(dest.blob, creds, write=True, lifetime=ctx.timeout), net, ctx)
