@@ -231,6 +231,12 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
     scan = _LocalScan(job_dir, state)  # reads the records and stats their files while the listing runs
     try:
         listing = _list_sources(stores, opts.sources, GlobFilter(opts.include, opts.exclude))
+    except NodekitError as err:
+        if err.retryable and not opts.dry_run:  # the run did not finish (a deadline, storage down): say why
+            result.error = str(err)
+            result.retries, result.elapsed = ctx.retries, time.monotonic() - ctx.started
+            _write_report(result, opts, env)
+        raise  # a refused input changes nothing, not even the report
     finally:
         scan.join()
     if opts.dry_run:

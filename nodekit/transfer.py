@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nodekit.errors import IntegrityError, LocalIOError, NodekitError, UnsafeInput
+from nodekit.errors import IntegrityError, LocalIOError, NodekitError, TransientError, UnsafeInput
 from nodekit.land import Landing, check, mtime_ns, partial_name
 from nodekit.plan import (  # noqa: F401  (Action, LocalStat, decide, human_bytes: re-exported)
     Action,
@@ -443,6 +443,11 @@ class Downloader:
         landing = self._landing(item)
 
         def sink(data: bytes) -> None:
+            if self.ctx.remaining() <= 0:
+                raise TransientError(f"copying {item.path}: not finished within the {self.ctx.timeout:g} s timeout; "
+                                     "a later run goes on from what is in place.")
+            if self.ctx.stop.is_set():
+                raise _Stopping()
             try:
                 landing.write(data)
             except OSError as err:  # the disk's error, not the source's
@@ -475,8 +480,14 @@ class Downloader:
         item: PlannedFile = args[0]
         if self.ctx.stop.is_set():
             return None
+        if self.ctx.remaining() <= 0:
+            self._fail(item, TransientError(f"copying {item.path}: not started within the {self.ctx.timeout:g} s "
+                                            "timeout; a later run goes on from what is in place."))
+            return None
         try:
             return fn(*args)
+        except _Stopping:
+            return None
         except Exception as err:
             self._fail(item, err)
         return None
@@ -541,6 +552,10 @@ class Downloader:
             return False
         self._record(item, final, md5, verified, cached=True)
         return True
+
+
+class _Stopping(Exception):
+    """A copy stops early because the run is stopping after another error."""
 
 
 _HASH_BUFFERS = threading.local()

@@ -30,25 +30,35 @@ def free_port() -> int:
 class Azurite:
     port: int
     pid: int
+    scheme: str = "http"
+    host: str = "127.0.0.1"
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}/{DEV_ACCOUNT}"
+        return f"{self.scheme}://{self.host}:{self.port}/{DEV_ACCOUNT}"
 
     @property
     def connection_string(self) -> str:
-        return (f"DefaultEndpointsProtocol=http;AccountName={DEV_ACCOUNT};AccountKey={DEV_KEY};"
+        return (f"DefaultEndpointsProtocol={self.scheme};AccountName={DEV_ACCOUNT};AccountKey={DEV_KEY};"
                 f"BlobEndpoint={self.endpoint};")
 
+    def via(self, host: str) -> Azurite:
+        """The same server named by another host (127.0.0.2: reachable only through tests' forward proxy)."""
+        return Azurite(self.port, self.pid, self.scheme, host)
 
-def start_azurite() -> tuple[Azurite, subprocess.Popen[bytes]]:
-    """Start azurite-blob on a free loopback port; raise if it does not answer within 30 s."""
+
+def start_azurite(cert: Path | None = None, key: Path | None = None,
+                  oauth: bool = False) -> tuple[Azurite, subprocess.Popen[bytes]]:
+    """Start azurite-blob on a free loopback port (HTTPS with `cert`/`key`, and `--oauth basic` with
+    `oauth`); raise if it does not answer within 30 s."""
     if not AZURITE_BIN.exists():
         raise RuntimeError(f"{AZURITE_BIN} is missing: run the README's test command (it runs npm ci).")
     port = free_port()
+    tls = ["--cert", str(cert), "--key", str(key)] if cert and key else []
     proc = subprocess.Popen(
         [str(AZURITE_BIN), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence",
-         "--disableTelemetry", "--skipApiVersionCheck", "--loose", "--silent"],
+         "--disableTelemetry", "--skipApiVersionCheck", "--loose", "--silent", *tls,
+         *(["--oauth", "basic"] if oauth else [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )
     deadline = time.monotonic() + 30
@@ -57,7 +67,7 @@ def start_azurite() -> tuple[Azurite, subprocess.Popen[bytes]]:
             raise RuntimeError(f"Azurite exited at start: {proc.stderr.read().decode()[-500:] if proc.stderr else ''}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return Azurite(port, proc.pid), proc
+                return Azurite(port, proc.pid, "https" if tls else "http"), proc
         except OSError:
             time.sleep(0.1)
     stop_process(proc)

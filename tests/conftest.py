@@ -14,16 +14,21 @@ from pathlib import Path
 
 import pytest
 from azurite import DEV_ACCOUNT, DEV_KEY, ROOT, Azurite, start_azurite, stop_process
+from tlscerts import CertFiles, make_ca, make_server_cert
 
 __all__ = ["DEV_ACCOUNT", "DEV_KEY", "ROOT", "Azurite", "start_azurite", "stop_process"]
 
 
 @pytest.fixture(autouse=True)
 def _scrub_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never see the developer's Batch, Azure or nodekit settings."""
+    """Tests never see the developer's Batch, Azure or nodekit settings, trust or proxies."""
     for name in list(os.environ):
-        if name.startswith(("AZ_BATCH_", "AZURE_", "NODEKIT_")):
+        if name.startswith(("AZ_BATCH_", "AZURE_", "NODEKIT_", "IDENTITY_", "MSI_")) or name in _NETWORK or \
+                name.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
             monkeypatch.delenv(name)
+
+
+_NETWORK = {"REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"}
 
 
 @dataclass
@@ -75,6 +80,34 @@ def azurite() -> Iterator[Azurite]:
         stop_process(proc)
 
 
+@dataclass(frozen=True)
+class Tls:
+    """A test certificate authority, a server certificate it signed for the loopback names, and one for
+    another name."""
+
+    ca: CertFiles
+    server: CertFiles
+    wrong_name: CertFiles
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
+    folder = tmp_path_factory.mktemp("tls")
+    ca = make_ca(folder)
+    return Tls(ca, make_server_cert(ca, folder, ["127.0.0.1", "127.0.0.2", "localhost"]),
+               make_server_cert(ca, folder, ["other.example"], stem="other"))
+
+
+@pytest.fixture(scope="session")
+def azurite_tls(tls: Tls) -> Iterator[Azurite]:
+    """Azurite over HTTPS (the test CA's certificate) with `--oauth basic`: bearer tokens work."""
+    server, proc = start_azurite(tls.server.cert, tls.server.key, oauth=True)
+    try:
+        yield server
+    finally:
+        stop_process(proc)
+
+
 class Remote:
     """A source the tests fill: `put`, `delete`, and the `url` prep is given."""
 
@@ -111,12 +144,13 @@ class LocalRemote(Remote):
 class BlobRemote(Remote):
     kind = "azurite"
 
-    def __init__(self, server: Azurite, prefix: str = "") -> None:
+    def __init__(self, server: Azurite, prefix: str = "", verify: str | None = None) -> None:
         from azure.storage.blob import BlobServiceClient
 
         self.server = server
         self.container = f"c{uuid.uuid4().hex[:20]}"
-        self.service = BlobServiceClient.from_connection_string(server.connection_string)
+        self.options = {"connection_verify": verify} if verify else {}
+        self.service = BlobServiceClient.from_connection_string(server.connection_string, **self.options)
         self.client = self.service.get_container_client(self.container)
         self.client.create_container()
         self.prefix = prefix
@@ -131,7 +165,7 @@ class BlobRemote(Remote):
 
             blob = BlobClient.from_connection_string(
                 self.server.connection_string, self.container, self._name(name),
-                max_single_put_size=4 * 1024 * 1024, max_block_size=8 * 1024 * 1024)
+                max_single_put_size=4 * 1024 * 1024, max_block_size=8 * 1024 * 1024, **self.options)
             blob.upload_blob(data, overwrite=True, max_concurrency=4)
         else:
             self.client.upload_blob(self._name(name), data, overwrite=True)

@@ -41,14 +41,17 @@ class Rule:
 
 class FaultProxy:
     def __init__(self, upstream_port: int, rules: list[Rule] | None = None, rps: float | None = None,
-                 seed: int = 7) -> None:
+                 seed: int = 7, tls: tuple[str, str] | None = None) -> None:
+        """`tls`: (certificate, key) to speak HTTPS, to the client and to an HTTPS upstream alike."""
         self.upstream_port = upstream_port
+        self.tls = tls
         self.rules = rules or []
         self.rps = rps
         self.random = random.Random(seed)
         self.counts: Counter[str] = Counter()
         self.bytes_by_path: Counter[str] = Counter()
         self.ranges: list[tuple[str, str, str]] = []  # (method, path, Range header)
+        self.seen: list[tuple[str, str, str, str]] = []  # (method, path, User-Agent, x-ms-client-request-id)
         self._tokens = float(rps or 0)
         self._last = time.monotonic()
         self._loop = asyncio.new_event_loop()
@@ -64,7 +67,13 @@ class FaultProxy:
         return self
 
     async def _start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, limit=2**20)
+        ctx = None
+        if self.tls:
+            import ssl
+
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(*self.tls)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, limit=2**20, ssl=ctx)
         return int(self._server.sockets[0].getsockname()[1])
 
     def stop(self) -> None:
@@ -125,6 +134,8 @@ class FaultProxy:
                 path = target.split("?", 1)[0]
                 self.counts["requests"] += 1
                 self.ranges.append((method, path, headers.get("range", "")))
+                self.seen.append((method, path, headers.get("user-agent", ""),
+                                  headers.get("x-ms-client-request-id", "")))
                 if not self._admit():
                     self.counts["throttled"] += 1
                     await self._error(writer, 503, "ServerBusy", retry_after=1)
@@ -151,7 +162,15 @@ class FaultProxy:
     async def _forward(self, method: str, target: str, path: str, head: bytes, body: bytes,
                        writer: asyncio.StreamWriter, rule: Rule | None) -> bool:
         """Relay one request to the upstream and its response back; False if the client connection is gone."""
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port, limit=2**20)
+        up_ssl = None
+        if self.tls:
+            import ssl
+
+            up_ssl = ssl.create_default_context()
+            up_ssl.check_hostname = False
+            up_ssl.verify_mode = ssl.CERT_NONE  # loopback Azurite with the same test certificate
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port, limit=2**20,
+                                                             ssl=up_ssl)
         try:
             head_lines = [line for line in head.decode("latin-1").split("\r\n")[:-2]
                           if not line.lower().startswith("connection:")]

@@ -166,11 +166,16 @@ def _first_line(err: BaseException) -> str:
 
 
 def _token_error(err: BaseException, kind: str) -> Exception:
-    """AccessDenied for a credential that cannot give a token (naming what was tried), else TransientError."""
+    """Why no token came: AccessDenied when no credential is there or the identity is refused (naming what was
+    tried); TransientError when an identity endpoint was there but failed (a later run may succeed)."""
     text = str(err)
     tried = [line.strip().split(":", 1)[0] for line in text.splitlines() if line.startswith("\t")]
     status = getattr(getattr(err, "response", None), "status_code", None)
-    if type(err).__name__ == "CredentialUnavailableError" or tried or status in (400, 401, 403):
+    refused = status in (400, 401, 403) or "identity not found" in text.lower() or "invalid_request" in text
+    if "Token request error" in text and not refused:  # the endpoint answered, with an error
+        detail = text[text.index("Token request error"):].splitlines()[0]
+        return TransientError(f"could not get a token for {kind}: the identity endpoint failed ({detail[:200]})")
+    if type(err).__name__ == "CredentialUnavailableError" or tried or refused:
         how = f" (tried {', '.join(tried)})" if tried else f": {_first_line(err)}"
         return AccessDenied(f"no usable Azure credential for {kind}{how}. Put a SAS in the URL, set "
                             "AZURE_STORAGE_CONNECTION_STRING, or give the pool a managed identity "
