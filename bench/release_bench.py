@@ -107,7 +107,7 @@ def main() -> None:
                     env.update(ROOT=str(root), JOB=job, NODE="tvm-1", RCLONE=str(RCLONE),
                                RCLONE_CONFIG_AZ_TYPE="azureblob", RCLONE_CONFIG_AZ_USE_EMULATOR="true",
                                RCLONE_CONFIG_AZ_ENDPOINT=server.endpoint)
-                sample = run(cmd, env, proc.pid)
+                sample = run(cmd, env)
                 wall, rss = sample.wall, sample.rss_mib
                 assert not (root / "shared" / job).exists(), f"{tool} did not wipe"
                 results[tool].append((wall, rss))
