@@ -20,7 +20,6 @@ Raises UsageError for a job JSON it cannot run; never touches anything outside `
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from nodekit.errors import UsageError
-from nodekit.spec import parse_duration
+from nodekit.spec import parse_duration, read_json
 
 log = logging.getLogger(__name__)
 
@@ -395,9 +394,5 @@ def _code(result: TaskResult | None) -> str:
 
 
 def load_json(path: str | Path, what: str) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as err:
-        raise UsageError(f"cannot read {what} {path}: {err.strerror}.") from None
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{what} {path} is not valid JSON: {err.msg} at line {err.lineno}.") from None
+    """A JSON file (UTF-8, -16 or -32, with or without a byte-order mark); UsageError if it cannot be read."""
+    return read_json(path, what)
