@@ -523,7 +523,7 @@ def simulate_command(job_json: str, nodes: int, slots: int, tasks_path: str | No
         env[name] = value
     root = root_dir or Path(tempfile.mkdtemp(prefix="nodekit-simulate-"))
     sim = Simulation(root, job_id, prep, release, nodes=nodes, slots=slots, time_scale=time_scale,
-                     base_env=env, reboots=reboot_after, emit=echo)
+                     base_env=env, reboots=reboot_after, emit=click.echo)
     click.echo(f"Simulating job {job_id} on {nodes} node(s) x {slots} slot(s) under {root}")
     sim.run_tasks(tasks)
     sim.terminate()
@@ -549,7 +549,7 @@ def demo_command(root_dir: Path | None, azurite: str | None) -> None:
     """
     from nodekit.demo import run_demo
 
-    result = run_demo(root_dir, azurite, emit=echo)
+    result = run_demo(root_dir, azurite, emit=click.echo)  # its own lines (the files it prints span several)
     if not result.ok:
         raise click.exceptions.Exit(int(ExitCode.FAILURE))
 
