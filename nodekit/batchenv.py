@@ -86,6 +86,11 @@ class BatchEnv:
         return str(value)
 
 
+def is_batch_id(text: str) -> bool:
+    """True if `text` could be a Batch job id (so `SHARED/text` may be a job's folder)."""
+    return _BATCH_ID.match(text) is not None
+
+
 def check_job_id(job_id: str) -> str:
     """Return `job_id` if it follows Batch's rules for ids, else raise UnsafeInput."""
     if not _BATCH_ID.match(job_id):
