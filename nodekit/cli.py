@@ -377,8 +377,10 @@ def release_command(upload_to: SourceSpec | None, spec_path: str | None, logs: t
 @option("--identity-client-id", metavar="ID",
               help="The pool's user-assigned managed identity: how prep and release authenticate.")
 @option("--install", metavar="REQUIREMENT", default=None,
-              help="What the start task pip-installs (default: nodekit==THIS_VERSION).")
-@option("--wheel-url", metavar="URL", help="A nodekit wheel for the start task to fetch as a resource file.")
+              help="What the start task pip-installs instead of the --wheel-url (batch-nodekit is not on the "
+                   "package index yet).")
+@option("--wheel-url", metavar="URL",
+        help="A nodekit wheel (python -m pip wheel --no-deps -w dist .) for the start task to fetch and install.")
 @option("--template", "template_path", type=click.Path(dir_okay=False),
               help="Your own job or start-task template instead of the packaged one.")
 @option("--prep-retries", type=click.IntRange(0, 100), default=2, show_default=True,
