@@ -301,6 +301,7 @@ def _run(opts: PrepOptions, env: BatchEnv, emit: Callable[[str], None], shared: 
         to_get = [f for f in result.files if f.action is Action.DOWNLOAD]
         errors: list[NodekitError] = []
         placed: dict[str, Any] = {}
+        unrecorded: NodekitError | None = None
         try:
             removals = [f for f in result.files if f.action in (Action.REMOVE, Action.FORGET)]
             if removals:
@@ -312,7 +313,13 @@ def _run(opts: PrepOptions, env: BatchEnv, emit: Callable[[str], None], shared: 
                 if f.action in (Action.REMOVE, Action.FORGET):
                     records.pop(f.path, None)
             records.update(placed)
-            state.compact(records)
+            try:
+                state.compact(records)
+            except OSError as err:  # the files are in place but unrecorded: the next run fetches them again
+                unrecorded = _disk_error(err, Path(err.filename) if err.filename else job_dir / STATE_DIR)
+                log.error("%s", unrecorded)  # an error already on its way (the first one) goes on
+        if unrecorded is not None and not errors:
+            errors = [unrecorded]
         result.retries, result.elapsed = ctx.retries, time.monotonic() - ctx.started
         if not errors:
             marker.unlink()  # finished: no partial file can be left behind
