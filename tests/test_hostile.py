@@ -40,6 +40,8 @@ def snapshot(root: Path, *, allow: tuple[Path, ...] = ()) -> dict[str, str]:
                 out[str(path)] = "link:" + os.readlink(path)
             elif path.is_dir():
                 out[str(path)] = f"dir:{st.st_mode:o}"
+            elif not path.is_file():  # a FIFO or a device: never read
+                out[str(path)] = f"special:{st.st_mode:o}"
             else:
                 try:
                     digest = hashlib.md5(path.read_bytes()).hexdigest()
