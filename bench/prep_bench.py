@@ -238,7 +238,7 @@ def bench_dataset(ds: Dataset, server: object, emulator_pid: int, work: Path, to
     conc = ["--concurrency", str(args.concurrency)] if args.concurrency else []
 
     def nodekit(shared: Path, extra: list[str]) -> tuple[list[str], dict[str, str]]:
-        return ([str(NODEKIT), "prep", f"data={endpoint}/{container}?{sas}", "--dest", str(shared / "dest"),
+        return ([str(NODEKIT), "prep", f"data={endpoint}/{container}?{sas}", "--job-id", "dest",
                  "--shared-dir", str(shared), "--progress-interval", "0", *conc, *extra], base_env)
 
     def command(tool: str, shared: Path, warm: bool) -> tuple[list[str], dict[str, str]]:

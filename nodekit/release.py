@@ -38,7 +38,7 @@ from nodekit.errors import ExitCode, LocalIOError, NodekitError, TransientError,
 from nodekit.names import check_globs, glob_match, unsafe_reason
 from nodekit.plan import human_bytes
 from nodekit.report import report_path, write_report
-from nodekit.spec import SourceKind, SourceSpec
+from nodekit.spec import BUILTIN, SourceKind, SourceSpec
 from nodekit.storage import CHUNK, RunContext, WritableStore
 from nodekit.storage.factory import open_destination
 from nodekit.storage.http import HttpClient
@@ -316,8 +316,11 @@ def check_destination(places: JobPlaces, dest: SourceSpec, wipe_task_dirs: bool,
     working folder. A relative destination is refused: on a node it would resolve in the release
     task's own working folder, which Batch deletes. Raises UsageError or UnsafeInput; touches nothing.
     """
-    if dest.kind is not SourceKind.LOCAL or dest.path is None or dest.display.startswith("builtin:"):
+    if dest.kind is not SourceKind.LOCAL or dest.path is None:
         return
+    if dest.display in BUILTIN:
+        raise UsageError(f"--upload-to {dest.display}: the embedded sample is not a destination; give a blob "
+                         "container URL or an absolute folder.")
     raw = os.path.expanduser(dest.path)
     if not os.path.isabs(raw):
         raise UsageError(f"--upload-to {dest.path}: a local destination must be an absolute path (a relative one "

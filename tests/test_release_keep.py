@@ -17,7 +17,7 @@ import tarfile
 from pathlib import Path
 
 from conftest import ROOT, BatchNode, BlobRemote, LocalRemote, Remote, remote_env
-from helpers import report
+from helpers import report, run
 from test_hostile import _as_unprivileged, snapshot
 from test_release import _objects
 
@@ -133,3 +133,35 @@ def test_a_relative_demo_root_keeps_the_logs_where_it_says(tmp_path: Path) -> No
     assert kept_in == tmp_path / ".demo" / "storage"
     nodes = re.findall(r"^(tvm-\d):\n  Prep task exit code:    0$", out.stdout, re.M)
     assert nodes and sorted(p.parent.name for p in kept_in.glob("JobPrepReleaseSampleJob/*/logs.tar.gz")) == nodes
+
+
+def test_a_wipe_the_disk_refuses_is_exit_8_after_everything_was_kept(batch_node: BatchNode, tmp_path: Path) -> None:
+    work, own = _node(batch_node)
+    stuck = batch_node.job_dir / "written-by-admin"
+    stuck.mkdir()
+    (stuck / "result.bin").write_bytes(b"x")
+    stuck.chmod(0o555)  # release, as the pool's user, cannot delete what is inside
+    dest = LocalRemote(tmp_path / "kept")
+    rep = tmp_path / "release.json"
+    try:
+        out = _release(batch_node, own, dest, rep, unprivileged=True)
+    finally:
+        stuck.chmod(0o755)
+    assert out.returncode == 8, out.stderr
+    error = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and f"cannot wipe {stuck / 'result.bin'}: Permission denied" in error[0], out.stderr
+    data = report(rep)
+    assert data["exit_code"] == 8 and [f["what"] for f in data["failed"]] == ["wipe"]
+    assert sorted(u["name"] for u in data["uploaded"]) == [
+        "dumps/job-1/task001/wd/core.gz", "dumps/job-1/task002/wd/core.gz", "logs.tar.gz"]
+    assert not (work / "task001" / "wd").exists()  # the rest was wiped
+    assert (stuck / "result.bin").exists()
+
+
+def test_the_embedded_sample_is_not_a_destination(batch_node: BatchNode, tmp_path: Path) -> None:
+    _work, own = _node(batch_node)
+    before = snapshot(tmp_path)
+    result = run(["release", "--upload-to", "builtin:sample"],
+                 batch_node.env(AZ_BATCH_TASK_DIR=str(own), AZ_BATCH_TASK_WORKING_DIR=str(own / "wd")), ok=False)
+    assert result.exit_code == 2 and "the embedded sample is not a destination" in result.stderr
+    assert snapshot(tmp_path) == before
