@@ -338,3 +338,14 @@ def test_a_disk_filling_mid_run_is_exit_8_with_the_path_and_a_report(
     assert rep_data["error"] == error[0].removeprefix("Error: ")
     assert rep_data["failed"] >= 1
     assert "Traceback" not in out.stderr
+
+
+def test_dest_may_be_in_the_job_folder_or_a_folder_no_job_owns(batch_node: BatchNode, tmp_path: Path) -> None:
+    src = _sample(batch_node, tmp_path)
+    for dest, lands in (("job-1/models", batch_node.job_dir / "models"),
+                        ("refdata.v2", batch_node.shared / "refdata.v2")):
+        run(["prep", f"in={src}", "--dest", dest, "--progress-interval", "0"], batch_node.env())
+        assert (lands / "in" / "a.txt").read_text() == "a"
+    env = {k: v for k, v in batch_node.env().items() if k != "AZ_BATCH_JOB_ID"}
+    result = run(["prep", f"in={src}", "--dest", "some-job"], env, ok=False)
+    assert result.exit_code == 6 and "which may be a job's folder: give --job-id" in result.stderr

@@ -16,6 +16,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, BatchNode, BlobRemote, LocalRemote, Remote, remote_env
 from helpers import report, run
 from test_hostile import _as_unprivileged, snapshot
@@ -165,3 +166,61 @@ def test_the_embedded_sample_is_not_a_destination(batch_node: BatchNode, tmp_pat
                  batch_node.env(AZ_BATCH_TASK_DIR=str(own), AZ_BATCH_TASK_WORKING_DIR=str(own / "wd")), ok=False)
     assert result.exit_code == 2 and "the embedded sample is not a destination" in result.stderr
     assert snapshot(tmp_path) == before
+
+
+def test_a_log_that_vanishes_or_fails_mid_read_is_skipped_and_the_archive_built_without_it(
+        batch_node: BatchNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Races a test cannot time: a log deleted between collection and archiving, and one whose disk fails
+    part-way through (EIO). The archive in storage is whole and holds every other log."""
+    import nodekit.release as release
+
+    work, own = _node(batch_node)
+    (work / "task002" / "wd" / "big.log").write_bytes(b"x" * (3 * 1024 * 1024))
+    collect = release.collect
+
+    def collect_then_delete(*args: object) -> release.Collection:
+        found = collect(*args)  # type: ignore[arg-type]
+        (work / "task001" / "wd" / "run.log").unlink()  # gone after it was collected
+        return found
+
+    opened = release.open_regular
+
+    class FailingRead:
+        def __init__(self, fh: io.BufferedReader) -> None:
+            self.fh, self.n = fh, 0
+
+        def read(self, n: int) -> bytes:
+            self.n += 1
+            if self.n == 2:
+                raise OSError(5, "Input/output error")
+            return self.fh.read(n)
+
+        def __enter__(self) -> FailingRead:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.fh.close()
+
+        def close(self) -> None:
+            self.fh.close()
+
+    def open_failing(path: Path) -> tuple[object, object, str]:
+        fh, st, why = opened(path)
+        return (FailingRead(fh), st, why) if fh is not None and path.name == "big.log" else (fh, st, why)
+
+    monkeypatch.setattr(release, "collect", collect_then_delete)
+    monkeypatch.setattr(release, "open_regular", open_failing)
+    rep = tmp_path / "release.json"
+    dest = tmp_path / "kept"
+    result = run(["release", "--upload-to", str(dest), "--logs", "**/*.log", "--report", str(rep)],
+                 batch_node.env(AZ_BATCH_TASK_DIR=str(own), AZ_BATCH_TASK_WORKING_DIR=str(own / "wd")), ok=False)
+    assert result.exit_code == 5, result.stderr
+    why = {Path(s["path"]).relative_to(work).as_posix(): s["why"] for s in report(rep)["skipped"]}
+    assert why == {"task001/wd/run.log": "it vanished before it could be read",
+                   "task002/wd/big.log": "reading it failed: Input/output error"}
+    kept = (dest / "job-1" / "tvm-1" / "logs.tar.gz").read_bytes()
+    names = _archive(kept)
+    assert "job-1/task002/wd/run.log" in names and "job-1/task001/stdout.txt" in names
+    assert "job-1/task002/wd/big.log" not in names and "job-1/task001/wd/run.log" not in names
+    assert not [p for p in dest.rglob("*") if p.name.endswith("nodekit-partial")]
+    assert batch_node.job_dir.exists()  # not everything kept: nothing wiped
