@@ -24,7 +24,7 @@ from nodekit.plan import (
     Action,
     LocalStat,
     PlannedFile,
-    _disk_error,
+    disk_error,
     human_bytes,
     plan,
     remove_placed,
@@ -245,7 +245,7 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
     try:
         return _run(opts, env, emit, shared, job_dir, ctx, stores, flt, result)
     except OSError as err:  # a file operation that no step turned into a LocalIOError
-        error = _disk_error(err, Path(err.filename) if err.filename else job_dir)
+        error = disk_error(err, Path(err.filename) if err.filename else job_dir)
         _fail_report(result, error, ctx, opts, env)
         raise error from err
     except LocalIOError as err:
@@ -316,7 +316,7 @@ def _run(opts: PrepOptions, env: BatchEnv, emit: Callable[[str], None], shared: 
             try:
                 state.compact(records)
             except OSError as err:  # the files are in place but unrecorded: the next run fetches them again
-                unrecorded = _disk_error(err, Path(err.filename) if err.filename else job_dir / STATE_DIR)
+                unrecorded = disk_error(err, Path(err.filename) if err.filename else job_dir / STATE_DIR)
                 log.error("%s", unrecorded)  # an error already on its way (the first one) goes on
         if unrecorded is not None and not errors:
             errors = [unrecorded]
