@@ -330,7 +330,7 @@ def bench(ds: Dataset, cond: Condition, server: Server, container: str, sas: str
     def command(tool: str, shared: Path, warm: bool) -> tuple[list[str], dict[str, str]]:
         dest = shared / "dest" / "data"
         if tool == "nodekit":
-            return ([str(NODEKIT), "prep", f"data={endpoint}/{container}?{sas}", "--dest", str(shared / "dest"),
+            return ([str(NODEKIT), "prep", f"data={endpoint}/{container}?{sas}", "--job-id", "dest",
                      "--shared-dir", str(shared), "--progress-interval", "0"], {**base_env, "REQUESTS_CA_BUNDLE": ca})
         if tool.startswith("rclone"):
             n = tool.removeprefix("rclone")

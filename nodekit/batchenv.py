@@ -3,20 +3,28 @@
 `BatchEnv.from_environ(mapping)` is the only reader of `AZ_BATCH_*`; nothing below the CLI
 reads `os.environ`. `job_folder` and `ensure_inside` are the guard that every write and
 delete goes through: they resolve paths and refuse anything outside the job's folders.
+
+The shared directory's layout, as nodekit uses it: `SHARED/<job id>` is that job's folder (prep
+fills it, the job's release wipes it); folders whose name starts with `.nodekit` are nodekit's
+own (`.nodekit/venv` where the start task installs it, `.nodekit-cache` the node's cache) and
+belong to no job: a dot cannot occur in a Batch id. `check_dest` and `check_local_source` keep
+prep's writes and reads apart from the folders of other jobs and from nodekit's own.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from nodekit.errors import BatchEnvError, UnsafeInput
+from nodekit.errors import BatchEnvError, NotFound, UnsafeInput
 
 # Batch ids: letters, digits, hyphens and underscores, at most 64 characters.
 _BATCH_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+RESERVED_PREFIX = ".nodekit"  # SHARED/.nodekit (the venv), SHARED/.nodekit-cache: nodekit's own folders
 
 _VARS = {
     "root_dir": "AZ_BATCH_NODE_ROOT_DIR",
@@ -78,6 +86,11 @@ class BatchEnv:
         return str(value)
 
 
+def is_batch_id(text: str) -> bool:
+    """True if `text` could be a Batch job id (so `SHARED/text` may be a job's folder)."""
+    return _BATCH_ID.match(text) is not None
+
+
 def check_job_id(job_id: str) -> str:
     """Return `job_id` if it follows Batch's rules for ids, else raise UnsafeInput."""
     if not _BATCH_ID.match(job_id):
@@ -122,7 +135,60 @@ def job_folder(env: BatchEnv, dest: str | None = None) -> tuple[Path, Path]:
     candidate = Path(dest).expanduser()
     if not candidate.is_absolute():
         candidate = shared / candidate
-    return shared, ensure_inside(shared, candidate, what="the destination", strict_child=True)
+    resolved = ensure_inside(shared, candidate, what="the destination", strict_child=True)
+    check_dest(shared, resolved, env.job_id)
+    return shared, resolved
+
+
+def _top(shared: Path, path: Path) -> str:
+    """The first folder of `path` below `shared` (both resolved, `path` strictly inside)."""
+    return path.relative_to(shared).parts[0]
+
+
+def check_dest(shared: Path, dest: Path, job_id: str | None) -> None:
+    """UnsafeInput unless `dest` (resolved, strictly inside `shared`) is this job's folder, a folder in
+    it, or a folder that no job owns (its name not a Batch id, e.g. `refdata.v2`; never wiped by a release).
+
+    Refused: nodekit's own folders (the cache, `.nodekit`) and another job's folder — any folder named
+    like a Batch id other than this job's. Touches nothing.
+    """
+    top = _top(shared, dest)
+    if top.startswith(RESERVED_PREFIX):
+        raise UnsafeInput(f"the destination {dest} lies in {shared / top}, nodekit's own folder (its venv or the "
+                          "node's cache): refusing to fill it.")
+    if _BATCH_ID.match(top) and top != job_id:
+        if job_id is None:
+            raise UnsafeInput(f"the destination {dest} lies in {shared / top}, which may be a job's folder: give "
+                              "--job-id (or AZ_BATCH_JOB_ID) to say whose it is.")
+        raise UnsafeInput(f"the destination {dest} lies in {shared / top}, another job's folder (this job is "
+                          f"{job_id}): refusing to fill it; that job's release would wipe it.")
+
+
+def check_local_source(shared: Path, job_dir: Path, path: str) -> None:
+    """Refuse a local source that would copy prep's output into itself or read what it does not own.
+
+    UnsafeInput when the source (links resolved) is, contains or lies inside the job folder, lies in
+    nodekit's own folders (`.nodekit`, the cache) or in another job's folder; NotFound when it is a
+    link loop. `shared` and `job_dir` must be resolved. Touches nothing.
+    """
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise NotFound(f"source {path} cannot be read: it is a loop of symbolic links.") from None
+        return  # missing or unreadable: the store says so when it lists
+    real = Path(os.path.realpath(path))
+    if real == job_dir or job_dir in real.parents or real in job_dir.parents:
+        raise UnsafeInput(f"source {path} resolves to {real}, which is, contains or lies inside the job folder "
+                          f"{job_dir}: prep would copy its own output into itself. Refusing it.")
+    if shared in real.parents:
+        top = _top(shared, real)
+        if top.startswith(RESERVED_PREFIX):
+            raise UnsafeInput(f"source {path} resolves to {real}, inside {shared / top}, nodekit's own folder: "
+                              "refusing it.")
+        if _BATCH_ID.match(top) and (shared / top) != job_dir and shared / top not in job_dir.parents:
+            raise UnsafeInput(f"source {path} resolves to {real}, inside {shared / top}, another job's folder "
+                              "(its release may wipe it at any moment): refusing it.")
 
 
 def ensure_inside(root: Path, path: Path, *, what: str, strict_child: bool = False) -> Path:

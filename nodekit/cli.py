@@ -16,16 +16,55 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from nodekit import __version__
 from nodekit.batchenv import BatchEnv
 from nodekit.credentials import CredentialEnv
 from nodekit.errors import ExitCode, NodekitError
-from nodekit.redact import ScrubFilter, scrub
-from nodekit.spec import MD5_POLICIES, PrepSettings, Spec, load_spec, parse_duration, parse_source, sources_from_args
+from nodekit.names import check_globs
+from nodekit.redact import ScrubFilter, printable, scrub
+from nodekit.spec import (
+    MD5_POLICIES,
+    PrepSettings,
+    SourceSpec,
+    Spec,
+    load_spec,
+    parse_budget,
+    parse_duration,
+    parse_source,
+    sources_from_args,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("nodekit")
+
+
+class _Option(click.Option):
+    """An option whose errors name its environment variable when the value came from there."""
+
+    def get_error_hint(self, ctx: click.Context) -> str:
+        if self.envvar and self.name and ctx.get_parameter_source(self.name) is ParameterSource.ENVIRONMENT:
+            return f"'{self.envvar}'"
+        return super().get_error_hint(ctx)
+
+
+def option(*decls: str, **attrs: Any) -> Callable[[F], F]:
+    """click.option with `_Option`: every nodekit option names its variable in errors."""
+    return click.option(*decls, cls=_Option, **attrs)
+
+
+def _name(ctx: click.Context, param: click.Parameter) -> str:
+    """The option's name, or its environment variable's when the value came from there."""
+    if isinstance(param, click.Option) and param.envvar and param.name and \
+            ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT:
+        return str(param.envvar)
+    return param.opts[0] if param.opts else str(param.name)
+
+
+def echo(text: str) -> None:
+    """A line on stdout with its control characters escaped (names come from storage and disks)."""
+    click.echo(printable(text))
 
 
 class _StdStream(logging.StreamHandler):  # type: ignore[type-arg]
@@ -94,28 +133,66 @@ class NodekitGroup(click.Group):
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except NodekitError as err:
-            click.echo(f"Error: {scrub(str(err))}", err=True)
+            click.echo(f"Error: {printable(scrub(str(err)))}", err=True)
             ctx.exit(int(err.exit_code))
+        except OSError as err:
+            if err.filename is None:  # not a file operation: a nodekit bug, below
+                return self._bug(ctx, err)
+            # a file operation that no recipe turned into a LocalIOError: still the node's disk
+            click.echo(f"Error: {printable(str(err.filename))}: {err.strerror or err}; check the disk and the "
+                       "folder's permissions.", err=True)
+            ctx.exit(int(ExitCode.LOCAL_IO))
         except KeyboardInterrupt:
             click.echo("Error: interrupted.", err=True)
             ctx.exit(130)
         except Exception as err:  # a bug: say so in one line; the traceback only with --verbose
-            if ctx.find_root().params.get("verbose"):
-                log.exception("unexpected error")
-            click.echo(f"Error: unexpected {type(err).__name__}: {scrub(str(err))} "
-                       "(a nodekit bug: run with --verbose and report it).", err=True)
-            ctx.exit(int(ExitCode.FAILURE))
+            return self._bug(ctx, err)
+
+    def _bug(self, ctx: click.Context, err: Exception) -> Any:
+        if ctx.find_root().params.get("verbose"):
+            log.error("unexpected error", exc_info=err)
+        click.echo(f"Error: unexpected {type(err).__name__}: {printable(scrub(str(err)))} "
+                   "(a nodekit bug: run with --verbose and report it).", err=True)
+        ctx.exit(int(ExitCode.FAILURE))
 
 
-def _duration(option: str, maximum: float) -> Callable[[click.Context, click.Parameter, Any], float | None]:
+def _duration(maximum: float) -> Callable[[click.Context, click.Parameter, Any], float | None]:
     def callback(ctx: click.Context, param: click.Parameter, value: Any) -> float | None:
         if value is None:
             return None
         try:
-            return parse_duration(value, what=option, maximum=maximum)
+            return parse_duration(value, what=_name(ctx, param), maximum=maximum)
         except NodekitError as err:
             raise click.BadParameter(str(err)) from None
     return callback
+
+
+def _globs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """--include, --exclude, --logs, --dumps: every pattern must compile."""
+    try:
+        return check_globs(value, _name(ctx, param))
+    except NodekitError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+def _budget(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--cache-max-size: checked before anything happens."""
+    if value is not None:
+        try:
+            parse_budget(value, _name(ctx, param))
+        except NodekitError as err:
+            raise click.BadParameter(str(err)) from None
+    return value
+
+
+def _destination(ctx: click.Context, param: click.Parameter, value: str | None) -> SourceSpec | None:
+    """--upload-to: a blob container URL or a folder, parsed before anything happens."""
+    if value is None:
+        return None
+    try:
+        return parse_source(value, name="upload")
+    except NodekitError as err:
+        raise click.BadParameter(str(err)) from None
 
 
 def local_run_options(fn: F) -> F:
@@ -129,7 +206,7 @@ def local_run_options(fn: F) -> F:
 
 @click.group(cls=NodekitGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="nodekit")
-@click.option("-v", "--verbose", is_flag=True, envvar="NODEKIT_VERBOSE",
+@option("-v", "--verbose", is_flag=True, envvar="NODEKIT_VERBOSE",
               help="Log every file decision and the storage SDK's messages; tracebacks on bugs.")
 def cli(verbose: bool) -> None:
     """Job preparation and release tasks for Azure Batch nodes.
@@ -143,31 +220,31 @@ def cli(verbose: bool) -> None:
 
 @cli.command("prep")
 @click.argument("sources", nargs=-1, metavar="[NAME=]SOURCE...")
-@click.option("--spec", "spec_path", type=click.Path(dir_okay=False), envvar="NODEKIT_SPEC",
+@option("--spec", "spec_path", type=click.Path(dir_okay=False), envvar="NODEKIT_SPEC",
               help="Description file (JSON) listing the sources; command-line options win over it.")
-@click.option("--include", multiple=True, metavar="GLOB", help="Only files matching GLOB (repeatable).")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files matching GLOB (repeatable).")
-@click.option("--dry-run", is_flag=True, help="Print the plan (download, skip, remove and why); change nothing.")
-@click.option("--timeout", callback=_duration("--timeout", 24 * 3600), envvar="NODEKIT_TIMEOUT",
+@option("--include", multiple=True, callback=_globs, metavar="GLOB", help="Only files matching GLOB (repeatable).")
+@option("--exclude", multiple=True, callback=_globs, metavar="GLOB", help="Skip files matching GLOB (repeatable).")
+@option("--dry-run", is_flag=True, help="Print the plan (download, skip, remove and why); change nothing.")
+@option("--timeout", callback=_duration(24 * 3600), envvar="NODEKIT_TIMEOUT",
               metavar="DURATION", help="Give up after this long (90, 30m, 2h, PT30M; at most 24h). Default 1h.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), envvar="NODEKIT_REPORT",
+@option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), envvar="NODEKIT_REPORT",
               help="Write the JSON report here (default: nodekit-prep.json in $AZ_BATCH_TASK_WORKING_DIR).")
-@click.option("--dest", metavar="DIR",
+@option("--dest", metavar="DIR",
               help="Job folder to fill, inside the shared directory (default: SHARED_DIR/JOB_ID).")
-@click.option("--concurrency", type=click.IntRange(1, 256), envvar="NODEKIT_CONCURRENCY",
+@option("--concurrency", type=click.IntRange(1, 256), envvar="NODEKIT_CONCURRENCY",
               help="Requests in flight, each on its own connection: whole files, or ranges of large ones "
                    "(default: 64, at most one per 16 MiB of memory).")
-@click.option("--identity-client-id", envvar="AZURE_CLIENT_ID", metavar="ID",
+@option("--identity-client-id", envvar="AZURE_CLIENT_ID", metavar="ID",
               help="Client id of the pool's user-assigned managed identity.")
-@click.option("--progress-interval", type=click.FloatRange(0, 3600), default=5.0, show_default=True,
+@option("--progress-interval", type=click.FloatRange(0, 3600), default=5.0, show_default=True,
               help="Seconds between progress lines (0: none).")
-@click.option("--read-timeout", type=click.FloatRange(0.1, 3600), default=60.0, show_default=True,
+@option("--read-timeout", type=click.FloatRange(0.1, 3600), default=60.0, show_default=True,
               envvar="NODEKIT_READ_TIMEOUT", help="Seconds a connection may stay silent before it is retried.")
-@click.option("--no-cache", is_flag=True, default=None, envvar="NODEKIT_NO_CACHE",
+@option("--no-cache", is_flag=True, default=None, envvar="NODEKIT_NO_CACHE",
               help="Do not use or fill the node's cache (SHARED_DIR/.nodekit-cache) for this job.")
-@click.option("--cache-max-size", metavar="SIZE", envvar="NODEKIT_CACHE_MAX_SIZE",
+@option("--cache-max-size", metavar="SIZE", callback=_budget, envvar="NODEKIT_CACHE_MAX_SIZE",
               help="The node cache's budget: 10G, 500M, or a share of the disk like 50% (the default).")
-@click.option("--md5", type=click.Choice(MD5_POLICIES), envvar="NODEKIT_MD5",
+@option("--md5", type=click.Choice(MD5_POLICIES), envvar="NODEKIT_MD5",
               help="source (default): check every file whose source has a Content-MD5 against it, as AzCopy and "
                    "rclone do; all: also hash the others and record their MD5.")
 @local_run_options
@@ -205,42 +282,40 @@ def prep_command(sources: tuple[str, ...], spec_path: str | None, include: tuple
         cache_max_size=cache_max_size or settings.cache_max_size or "50%",
         md5=md5 or settings.md5 or "source",
     )
-    from nodekit.spec import parse_budget
-
-    parse_budget(opts.cache_max_size)  # a bad budget is a usage error before anything happens
+    parse_budget(opts.cache_max_size, "prep.cache_max_size")  # from --spec: a usage error before anything happens
     env = BatchEnv.from_environ(os.environ).with_overrides(shared_dir=shared_dir, job_id=job_id or spec.job_id)
     creds = CredentialEnv.from_environ(os.environ, client_id=identity_client_id)
-    result = run_prep(opts, env, creds, emit=click.echo, net=_net(read_timeout))
-    click.echo(result.summary())
+    result = run_prep(opts, env, creds, emit=echo, net=_net(read_timeout))
+    echo(result.summary())
 
 
 @cli.command("release")
-@click.option("--upload-to", metavar="URL", envvar="NODEKIT_UPLOAD_TO",
+@option("--upload-to", metavar="URL", callback=_destination, envvar="NODEKIT_UPLOAD_TO",
               help="Blob container URL (or a folder) to keep the logs and dumps in, under JOB_ID/NODE_ID/.")
-@click.option("--spec", "spec_path", type=click.Path(dir_okay=False), envvar="NODEKIT_SPEC",
+@option("--spec", "spec_path", type=click.Path(dir_okay=False), envvar="NODEKIT_SPEC",
               help="Description file (JSON); its release section supplies what the command line does not.")
-@click.option("--logs", multiple=True, metavar="GLOB",
+@option("--logs", multiple=True, callback=_globs, metavar="GLOB",
               help="Also keep files matching GLOB in the tasks' working folders, e.g. '**/*.log' (repeatable).")
-@click.option("--dumps", multiple=True, metavar="GLOB",
+@option("--dumps", multiple=True, callback=_globs, metavar="GLOB",
               help="Crash-dump patterns, replacing the default: core, core.*, *.dmp, *.mdmp (repeatable).")
-@click.option("--deadline", callback=_duration("--deadline", 15 * 60), envvar="NODEKIT_DEADLINE", metavar="DURATION",
+@option("--deadline", callback=_duration(15 * 60), envvar="NODEKIT_DEADLINE", metavar="DURATION",
               help="Finish within this long, wipe included (at most 15m, Batch's limit). Default 12m.")
-@click.option("--wipe-on-upload-failure", is_flag=True, default=None,
+@option("--wipe-on-upload-failure", is_flag=True, default=None,
               help="Wipe even when the upload failed or did not finish (the retention policy first).")
-@click.option("--wipe-task-dirs", is_flag=True, default=None,
+@option("--wipe-task-dirs", is_flag=True, default=None,
               help="Also delete the working folders of this job's tasks on this node.")
-@click.option("--purge-cache", is_flag=True, default=None,
+@option("--purge-cache", is_flag=True, default=None,
               help="Also delete the node's cache of inputs (SHARED_DIR/.nodekit-cache), for retention policies.")
-@click.option("--dry-run", is_flag=True, help="List what would be uploaded and deleted; change nothing.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), envvar="NODEKIT_REPORT",
+@option("--dry-run", is_flag=True, help="List what would be uploaded and deleted; change nothing.")
+@option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), envvar="NODEKIT_REPORT",
               help="Write the JSON report here (default: nodekit-release.json in $AZ_BATCH_TASK_WORKING_DIR).")
-@click.option("--identity-client-id", envvar="AZURE_CLIENT_ID", metavar="ID",
+@option("--identity-client-id", envvar="AZURE_CLIENT_ID", metavar="ID",
               help="Client id of the pool's user-assigned managed identity.")
-@click.option("--node-id", metavar="ID", help="Node id for a local run (default: $AZ_BATCH_NODE_ID).")
-@click.option("--root-dir", metavar="DIR", type=click.Path(file_okay=False),
+@option("--node-id", metavar="ID", help="Node id for a local run (default: $AZ_BATCH_NODE_ID).")
+@option("--root-dir", metavar="DIR", type=click.Path(file_okay=False),
               help="Node root folder for a local run (default: $AZ_BATCH_NODE_ROOT_DIR).")
 @local_run_options
-def release_command(upload_to: str | None, spec_path: str | None, logs: tuple[str, ...], dumps: tuple[str, ...],
+def release_command(upload_to: SourceSpec | None, spec_path: str | None, logs: tuple[str, ...], dumps: tuple[str, ...],
                     deadline: float | None, wipe_on_upload_failure: bool | None, wipe_task_dirs: bool | None,
                     purge_cache: bool | None, dry_run: bool, report_path: Path | None,
                     identity_client_id: str | None, node_id: str | None, root_dir: str | None,
@@ -255,7 +330,7 @@ def release_command(upload_to: str | None, spec_path: str | None, logs: tuple[st
 
     spec = load_spec(spec_path) if spec_path else Spec()
     rs = spec.release
-    dest = parse_source(upload_to, name="upload") if upload_to else rs.upload_to
+    dest = upload_to or rs.upload_to
     if dest is None:
         raise click.UsageError("missing --upload-to URL (or release.upload_to in --spec).")
     opts = ReleaseOptions(
@@ -273,54 +348,57 @@ def release_command(upload_to: str | None, spec_path: str | None, logs: tuple[st
     env = BatchEnv.from_environ(os.environ).with_overrides(
         shared_dir=shared_dir, job_id=job_id or spec.job_id, node_id=node_id, root_dir=root_dir)
     creds = CredentialEnv.from_environ(os.environ, client_id=identity_client_id)
-    result = run_release(opts, env, creds, emit=click.echo, net=_net())
-    click.echo(result.summary())
+    result = run_release(opts, env, creds, emit=echo, net=_net())
+    echo(result.summary())
     if result.exit_code:
         raise click.exceptions.Exit(int(result.exit_code))
 
 
 @cli.command("cmdline")
 @click.argument("sources", nargs=-1, metavar="[NAME=]SOURCE...")
-@click.option("--spec", "spec_path", type=click.Path(dir_okay=False), envvar="NODEKIT_SPEC",
+@option("--spec", "spec_path", type=click.Path(dir_okay=False), envvar="NODEKIT_SPEC",
               help="Description file (JSON): sources, release settings, job and pool ids.")
-@click.option("--os", "target_os", type=click.Choice(["linux", "windows"]), default="linux", show_default=True,
+@option("--os", "target_os", type=click.Choice(["linux", "windows"]), default="linux", show_default=True,
               help="The pool's operating system.")
-@click.option("--format", "fmt", type=click.Choice(["lines", "job", "start-task"]), default="lines",
+@option("--format", "fmt", type=click.Choice(["lines", "job", "start-task"]), default="lines",
               show_default=True, help="Bare command lines, the job JSON, or the pool's start task JSON.")
-@click.option("--job-id", metavar="ID", help="The job's id (or job_id in --spec).")
-@click.option("--pool-id", metavar="ID", help="The pool's id, for the job JSON (or pool_id in --spec).")
-@click.option("--upload-to", metavar="URL", help="Where release keeps logs and dumps (or release.upload_to).")
-@click.option("--include", multiple=True, metavar="GLOB", help="prep --include (repeatable).")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="prep --exclude (repeatable).")
-@click.option("--timeout", callback=_duration("--timeout", 24 * 3600), metavar="DURATION",
+@option("--job-id", metavar="ID", help="The job's id (or job_id in --spec).")
+@option("--pool-id", metavar="ID", help="The pool's id, for the job JSON (or pool_id in --spec).")
+@option("--upload-to", metavar="URL", callback=_destination,
+        help="Where release keeps logs and dumps (or release.upload_to).")
+@option("--include", multiple=True, callback=_globs, metavar="GLOB", help="prep --include (repeatable).")
+@option("--exclude", multiple=True, callback=_globs, metavar="GLOB", help="prep --exclude (repeatable).")
+@option("--timeout", callback=_duration(24 * 3600), metavar="DURATION",
               help="prep --timeout; the preparation task's maxWallClockTime is 5 minutes more. Default 1h.")
-@click.option("--logs", multiple=True, metavar="GLOB", help="release --logs (repeatable).")
-@click.option("--dumps", multiple=True, metavar="GLOB", help="release --dumps (repeatable).")
-@click.option("--deadline", callback=_duration("--deadline", 24 * 3600), metavar="DURATION",
+@option("--logs", multiple=True, callback=_globs, metavar="GLOB", help="release --logs (repeatable).")
+@option("--dumps", multiple=True, callback=_globs, metavar="GLOB", help="release --dumps (repeatable).")
+@option("--deadline", callback=_duration(24 * 3600), metavar="DURATION",
               help="release --deadline; must end before the release task's maxWallClockTime. Default 12m.")
-@click.option("--wipe-task-dirs", is_flag=True, default=None, help="release --wipe-task-dirs.")
-@click.option("--wipe-on-upload-failure", is_flag=True, default=None, help="release --wipe-on-upload-failure.")
-@click.option("--purge-cache", is_flag=True, default=None, help="release --purge-cache.")
-@click.option("--no-cache", is_flag=True, default=None, help="prep --no-cache.")
-@click.option("--cache-max-size", metavar="SIZE", help="prep --cache-max-size.")
-@click.option("--md5", type=click.Choice(MD5_POLICIES), help="prep --md5.")
-@click.option("--identity-client-id", metavar="ID",
+@option("--wipe-task-dirs", is_flag=True, default=None, help="release --wipe-task-dirs.")
+@option("--wipe-on-upload-failure", is_flag=True, default=None, help="release --wipe-on-upload-failure.")
+@option("--purge-cache", is_flag=True, default=None, help="release --purge-cache.")
+@option("--no-cache", is_flag=True, default=None, help="prep --no-cache.")
+@option("--cache-max-size", metavar="SIZE", callback=_budget, help="prep --cache-max-size.")
+@option("--md5", type=click.Choice(MD5_POLICIES), help="prep --md5.")
+@option("--identity-client-id", metavar="ID",
               help="The pool's user-assigned managed identity: how prep and release authenticate.")
-@click.option("--install", metavar="REQUIREMENT", default=None,
-              help="What the start task pip-installs (default: nodekit==THIS_VERSION).")
-@click.option("--wheel-url", metavar="URL", help="A nodekit wheel for the start task to fetch as a resource file.")
-@click.option("--template", "template_path", type=click.Path(dir_okay=False),
+@option("--install", metavar="REQUIREMENT", default=None,
+              help="What the start task pip-installs instead of the --wheel-url (batch-nodekit is not on the "
+                   "package index yet).")
+@option("--wheel-url", metavar="URL",
+        help="A nodekit wheel (python -m pip wheel --no-deps -w dist .) for the start task to fetch and install.")
+@option("--template", "template_path", type=click.Path(dir_okay=False),
               help="Your own job or start-task template instead of the packaged one.")
-@click.option("--prep-retries", type=click.IntRange(0, 100), default=2, show_default=True,
+@option("--prep-retries", type=click.IntRange(0, 100), default=2, show_default=True,
               help="The preparation task's maxTaskRetryCount (prep is safe to run again).")
-@click.option("--release-max-wall-clock", callback=_duration("--release-max-wall-clock", 24 * 3600),
+@option("--release-max-wall-clock", callback=_duration(24 * 3600),
               metavar="DURATION", help="The release task's maxWallClockTime (at most PT15M, the default).")
-@click.option("--retention", callback=_duration("--retention", 3650 * 86400), metavar="DURATION",
+@option("--retention", callback=_duration(3650 * 86400), metavar="DURATION",
               help="retentionTime of both tasks' folders (Batch's default: 7 days).")
-@click.option("--env", "env_pairs", multiple=True, metavar="NAME=VALUE",
+@option("--env", "env_pairs", multiple=True, metavar="NAME=VALUE",
               help="An environment setting of both tasks (never a secret: the job is readable).")
 def cmdline_command(sources: tuple[str, ...], spec_path: str | None, target_os: str, fmt: str,
-                    job_id: str | None, pool_id: str | None, upload_to: str | None, include: tuple[str, ...],
+                    job_id: str | None, pool_id: str | None, upload_to: SourceSpec | None, include: tuple[str, ...],
                     exclude: tuple[str, ...], timeout: float | None, logs: tuple[str, ...], dumps: tuple[str, ...],
                     deadline: float | None, wipe_task_dirs: bool | None, wipe_on_upload_failure: bool | None,
                     purge_cache: bool | None, no_cache: bool | None, cache_max_size: str | None, md5: str | None,
@@ -350,7 +428,7 @@ def cmdline_command(sources: tuple[str, ...], spec_path: str | None, target_os: 
     rs = spec.release
     release = replace(
         rs,
-        upload_to=parse_source(upload_to, name="upload") if upload_to else rs.upload_to,
+        upload_to=upload_to or rs.upload_to,
         logs=logs or rs.logs, dumps=dumps or rs.dumps, deadline=deadline or rs.deadline,
         wipe_task_dirs=wipe_task_dirs if wipe_task_dirs is not None else rs.wipe_task_dirs,
         wipe_on_upload_failure=(wipe_on_upload_failure if wipe_on_upload_failure is not None
@@ -400,21 +478,21 @@ def cmdline_command(sources: tuple[str, ...], spec_path: str | None, target_os: 
 
 @cli.command("simulate")
 @click.argument("job_json", type=click.Path(dir_okay=False))
-@click.option("--nodes", type=click.IntRange(1, 64), default=2, show_default=True, help="Nodes in the pool.")
-@click.option("--slots", type=click.IntRange(1, 64), default=1, show_default=True, help="Task slots per node.")
-@click.option("--tasks", "tasks_path", type=click.Path(dir_okay=False),
+@option("--nodes", type=click.IntRange(1, 64), default=2, show_default=True, help="Nodes in the pool.")
+@option("--slots", type=click.IntRange(1, 64), default=1, show_default=True, help="Task slots per node.")
+@option("--tasks", "tasks_path", type=click.Path(dir_okay=False),
               help='Tasks JSON in the REST "Task - Add Collection" shape ({"value": [...]}).')
-@click.option("--task-count", type=click.IntRange(1, 10000), help="Instead of --tasks: this many tasks...")
-@click.option("--task-command", metavar="LINE", help="...each running this command line.")
-@click.option("--reboot", "reboots", multiple=True, metavar="NODE:K",
+@option("--task-count", type=click.IntRange(1, 10000), help="Instead of --tasks: this many tasks...")
+@option("--task-command", metavar="LINE", help="...each running this command line.")
+@option("--reboot", "reboots", multiple=True, metavar="NODE:K",
               help="Reboot node NODE (e.g. tvm-1) after its K-th task (repeatable).")
-@click.option("--time-scale", type=click.FloatRange(min=0.0001), default=1.0, show_default=True,
+@option("--time-scale", type=click.FloatRange(min=0.0001), default=1.0, show_default=True,
               help="Multiply every maxWallClockTime by this (0.01 turns 15 minutes into 9 s).")
-@click.option("--root", "root_dir", type=click.Path(file_okay=False, path_type=Path),
+@option("--root", "root_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the simulated nodes' folders go (default: a new temporary folder).")
-@click.option("--env", "env_pairs", multiple=True, metavar="NAME=VALUE",
+@option("--env", "env_pairs", multiple=True, metavar="NAME=VALUE",
               help="A variable every task sees, as a pool would provide it (repeatable).")
-@click.option("--summary", "summary_path", type=click.Path(dir_okay=False, path_type=Path),
+@option("--summary", "summary_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the JSON summary here.")
 def simulate_command(job_json: str, nodes: int, slots: int, tasks_path: str | None, task_count: int | None,
                      task_command: str | None, reboots: tuple[str, ...], time_scale: float, root_dir: Path | None,
@@ -468,9 +546,9 @@ def simulate_command(job_json: str, nodes: int, slots: int, tasks_path: str | No
 
 
 @cli.command("demo")
-@click.option("--root", "root_dir", type=click.Path(file_okay=False, path_type=Path),
+@option("--root", "root_dir", type=click.Path(file_okay=False, path_type=Path),
               help="An empty folder for the simulated nodes and the kept logs (default: a new temporary one).")
-@click.option("--azurite", metavar="URL", help="Use a running Azurite (e.g. http://127.0.0.1:10000) as storage.")
+@option("--azurite", metavar="URL", help="Use a running Azurite (e.g. http://127.0.0.1:10000) as storage.")
 def demo_command(root_dir: Path | None, azurite: str | None) -> None:
     """Microsoft's JobPrepRelease sample on two simulated nodes, with nodekit doing the work.
 
@@ -479,7 +557,7 @@ def demo_command(root_dir: Path | None, azurite: str | None) -> None:
     """
     from nodekit.demo import run_demo
 
-    result = run_demo(root_dir, azurite, emit=click.echo)
+    result = run_demo(root_dir, azurite, emit=click.echo)  # its own lines (the files it prints span several)
     if not result.ok:
         raise click.exceptions.Exit(int(ExitCode.FAILURE))
 

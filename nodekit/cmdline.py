@@ -6,6 +6,11 @@ what Batch would refuse (ids, the release task's 15 minutes), what prep or relea
 (sources, destinations), and any credential that would land on a command line, which anyone who
 can read the job sees. Raises UsageError or UnsafeInput.
 
+nodekit's distribution is `batch-nodekit` (the command stays `nodekit`; `nodekit` on the Python
+package index is another project). It is not published yet (`PUBLISHED`): until it is, the start
+task installs the wheel given by `--wheel-url` (built with `python -m pip wheel --no-deps -w dist .`)
+or what `--install` names, and refuses to guess.
+
 Command lines run without a shell on Batch, so they call one: `/bin/bash -c '…'` on Linux
 (arguments quoted for bash inside, the script quoted for Batch's splitter), `cmd /s /c "…"` on
 Windows (each argument quoted so that cmd's metacharacters stay literal). Both call nodekit
@@ -19,7 +24,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from string import Template
 from typing import Any
 
@@ -34,7 +39,21 @@ VENV_LINUX = "$AZ_BATCH_NODE_SHARED_DIR/.nodekit/venv"
 VENV_WINDOWS = r"%AZ_BATCH_NODE_SHARED_DIR%\.nodekit\venv"
 RELEASE_MAX_S = 15 * 60
 PREP_MARGIN_S = 5 * 60  # maxWallClockTime = prep's own --timeout + this, so nodekit stops first, clearly
-_SECRET = re.compile(r"(?i)([?&]sig=|AccountKey=|SharedAccessSignature=|[?&]se=.*[?&]sp=)")
+DISTRIBUTION = "batch-nodekit"  # the name on the Python package index; the command stays `nodekit`
+PUBLISHED = False  # True once DISTRIBUTION==__version__ is on the index: then it is the start task's default
+BUILD_WHEEL = "python -m pip wheel --no-deps -w dist ."  # in nodekit's source folder: dist/batch_nodekit-*.whl
+# Credentials that cmdline recognises in anything it would write into the job or the pool, each with
+# what to call it (the value itself is never printed).
+_CREDENTIALS = [
+    (re.compile(r"(?i)(^|[?&;\s])sig="), "a SAS token (its sig parameter)"),
+    (re.compile(r"(?i)[?&]se=.*[?&]sp="), "a SAS token"),
+    (re.compile(r"(?i)AccountKey="), "an account key (AccountKey)"),
+    (re.compile(r"(?i)SharedAccessSignature="), "a SAS token (SharedAccessSignature)"),
+    (re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^/?#@\s]*:[^/?#@\s]*@"), "a password in a URL (user:password@)"),
+    (re.compile(r"^[A-Za-z0-9+/]{86}==$"), "what looks like a storage account key"),
+    (re.compile(r"\beyJ[\w-]+\.eyJ[\w-]+\.[\w-]+"), "what looks like an access token"),
+    (re.compile(r"(?i)\bbearer\s+\S+"), "a bearer token"),
+]
 _SECRET_NAMES = re.compile(r"(?i)(KEY|SECRET|PASSWORD|TOKEN|CONNECTION_STRING|SAS)")
 NO_RELEASE = ReleaseSettings()
 _WIN_SAFE = re.compile(r"^[A-Za-z0-9_./:=+@,-]+$")
@@ -57,7 +76,7 @@ class Description:
     release: ReleaseSettings = NO_RELEASE
     identity_client_id: str | None = None
     os: str = "linux"
-    install: str = f"nodekit=={__version__}"
+    install: str | None = None  # None: DISTRIBUTION==__version__ once PUBLISHED, else --wheel-url is needed
     wheel_url: str | None = None
     prep_retries: int = 2
     release_max_wall_clock: float = RELEASE_MAX_S
@@ -99,6 +118,11 @@ def check(desc: Description) -> None:
         raise UsageError("no release destination: give --upload-to or release.upload_to in --spec.")
     if desc.release.upload_to.kind is SourceKind.URL:
         raise UsageError(f"--upload-to {desc.release.upload_to.display}: give a blob container URL or a folder.")
+    dest = desc.release.upload_to
+    if dest.kind is SourceKind.LOCAL and dest.path is not None and not (
+            PureWindowsPath(dest.path).is_absolute() if desc.os == "windows" else dest.path.startswith(("/", "~"))):
+        raise UsageError(f"--upload-to {dest.path}: a local destination must be an absolute path (a relative one "
+                         "resolves in the release task's working folder, which Batch deletes).")
     for s in desc.sources:
         if s.filter.include or s.filter.exclude:
             raise UsageError(f"source {s.display}: per-source include/exclude cannot be put on a command line "
@@ -118,16 +142,25 @@ def check(desc: Description) -> None:
         parse_budget(desc.cache_max_size)
     if not 0 <= desc.prep_retries <= 100:
         raise UsageError("--prep-retries must be from 0 to 100.")
-    for text in [s.raw for s in desc.sources] + [desc.release.upload_to.raw]:
-        if _SECRET.search(text):
-            raise UnsafeInput(
-                "a credential (SAS token or key) would be written into the command line, where anyone who can "
-                "read the job sees it: remove it and use --identity-client-id (a managed identity) or "
-                "AZURE_STORAGE_* variables that the pool provides.")
+    places = [(f"source {s.display}", s.raw) for s in desc.sources] + \
+        [(f"--upload-to {desc.release.upload_to.display}", desc.release.upload_to.raw)] + \
+        [(f"--env {name}", value) for name, value in desc.env]
+    for where, text in places:
+        refuse_credential(where, text)
     for name, _ in desc.env:
         if _SECRET_NAMES.search(name):
             raise UnsafeInput(f"--env {name}: it looks like a secret, and job settings are visible to anyone who "
                               "can read the job; give the pool a managed identity instead.")
+
+
+def refuse_credential(where: str, text: str) -> None:
+    """UnsafeInput if `text` holds a credential cmdline recognises; the message never holds the value."""
+    for pattern, what in _CREDENTIALS:
+        if pattern.search(text):
+            raise UnsafeInput(
+                f"{where}: it holds {what}, a credential that would be written into the job or the pool, where "
+                "anyone who can read them sees it: remove it and use --identity-client-id (a managed identity) "
+                "or AZURE_STORAGE_* variables that the pool provides.")
 
 
 def _named(source: SourceSpec) -> str:
@@ -231,16 +264,22 @@ def command_lines(desc: Description) -> tuple[str, str]:
 def start_task(desc: Description, template: str | None = None) -> dict[str, Any]:
     """The pool's startTask that installs nodekit into its own virtual environment, once per node."""
     resource_files: list[dict[str, str]] = []
-    requirement = desc.install
+    requirement = desc.install or (f"{DISTRIBUTION}=={__version__}" if PUBLISHED else None)
+    if desc.install:
+        refuse_credential("--install", desc.install)
     if desc.wheel_url:
-        if _SECRET.search(desc.wheel_url):
-            raise UnsafeInput("--wheel-url carries a SAS token: the pool's definition is readable; use a "
-                              "managed identity (identityReference) or a public URL.")
+        refuse_credential("--wheel-url", desc.wheel_url)
         wheel = desc.wheel_url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
         if not wheel.endswith(".whl"):
             raise UsageError(f"--wheel-url must name a .whl file, not {wheel!r}.")
         resource_files.append({"httpUrl": desc.wheel_url, "filePath": wheel})
         requirement = wheel
+    if requirement is None:
+        raise UsageError(
+            f"the start task needs nodekit's wheel: {DISTRIBUTION} is not on the Python package index yet. Build "
+            f"it in nodekit's source folder with `{BUILD_WHEEL}`, put dist/{DISTRIBUTION.replace('-', '_')}-"
+            f"{__version__}-py3-none-any.whl where the pool's nodes can download it, and pass --wheel-url URL "
+            "(or --install REQUIREMENT).")
     if desc.os == "linux":
         req = shlex.quote(requirement if not desc.wheel_url else f"./{requirement}")
         script = (f'set -e; v="{VENV_LINUX}"; '
@@ -283,23 +322,38 @@ def job_json(desc: Description, template: str | None = None) -> dict[str, Any]:
 
 
 def load_template(name: str) -> str:
-    """A template shipped in the package (nodekit/templates/)."""
-    return resources.files("nodekit").joinpath("templates", name).read_text(encoding="utf-8")
+    """A packaged template: `templates/` at the top of the source tree, shipped in the wheel as
+    `nodekit/templates/` (pyproject.toml maps one onto the other)."""
+    packaged = resources.files("nodekit").joinpath("templates", name)
+    if packaged.is_file():  # installed from the wheel
+        return packaged.read_text(encoding="utf-8")
+    return (Path(__file__).resolve().parent.parent / "templates" / name).read_text(encoding="utf-8")
 
 
 def read_template(path: str | Path) -> str:
+    """Your own template: UTF-8 (a byte-order mark is fine), UTF-16 or UTF-32."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as err:
         raise UsageError(f"cannot read template {path}: {err.strerror}.") from None
+    try:
+        return data.decode(json.detect_encoding(data))
+    except UnicodeDecodeError:
+        raise UsageError(f"template {path} is not text in UTF-8, UTF-16 or UTF-32.") from None
 
 
 def _fill(text: str, values: dict[str, Any], what: str) -> dict[str, Any]:
     """Substitute `$name` placeholders with JSON values, then parse; UsageError if the result is not JSON."""
+    known = ", ".join(f"${k}" for k in values)
     try:
         filled = Template(text).substitute({k: json.dumps(v, ensure_ascii=False) for k, v in values.items()})
-    except (KeyError, ValueError) as err:
-        raise UsageError(f"the {what} template has an unknown or malformed placeholder: {err}.") from None
+    except KeyError as err:
+        raise UsageError(f"the {what} template has ${err.args[0]}, which is not one of its placeholders ({known}): "
+                         f"write $${err.args[0]} for a literal $.") from None
+    except ValueError as err:  # a '$' followed by no name: 'Invalid placeholder in string: line L, col C'
+        where = str(err).rpartition(": ")[2]
+        raise UsageError(f"the {what} template has a '$' that starts no placeholder ({where}): write $$ for a "
+                         "literal $.") from None
     try:
         data = json.loads(filled)
     except json.JSONDecodeError as err:

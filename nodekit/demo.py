@@ -80,6 +80,7 @@ def run_demo(root: Path | None, azurite: str | None, emit: Callable[[str], None]
     elif root.exists() and any(root.iterdir()):
         raise UsageError(f"--root {root} is not empty: give a new or empty folder.")
     root.mkdir(parents=True, exist_ok=True)
+    root = root.resolve()  # the release task runs in its own working folder: every path it gets is absolute
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root)}
     if azurite:
         source, kept_in = _seed_azurite(azurite)

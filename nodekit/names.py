@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from nodekit.errors import UsageError
+
 # Files nodekit writes while downloading; a source name may not end like this.
 PARTIAL_SUFFIX = ".nodekit-partial"
 # nodekit's own folder inside a job folder (state, journal, lock).
@@ -125,6 +127,23 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out) + r"\Z", re.IGNORECASE if CASE_INSENSITIVE else 0)
 
 
+def check_glob(pattern: str, what: str = "pattern") -> str:
+    """`pattern` if it is a usable glob, else UsageError naming `what` (the option or key it came from)."""
+    try:
+        _glob_regex(pattern.strip("/"))
+    except re.error:
+        raise UsageError(
+            f"{what} {pattern!r} is not a valid pattern: a character class [...] is empty or has a reversed "
+            "range; write [[] for a literal '['."
+        ) from None
+    return pattern
+
+
+def check_globs(patterns: Iterable[str], what: str = "pattern") -> tuple[str, ...]:
+    """Every pattern checked by `check_glob`, as a tuple."""
+    return tuple(check_glob(p, what) for p in patterns)
+
+
 def glob_match(pattern: str, name: str) -> bool:
     """True if `name` matches `pattern`; a pattern without '/' matches the last segment."""
     if "/" not in pattern.rstrip("/"):
@@ -138,6 +157,10 @@ class GlobFilter:
 
     include: Sequence[str] = ()
     exclude: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        check_globs(self.include, "--include")
+        check_globs(self.exclude, "--exclude")
 
     def __call__(self, name: str) -> bool:
         if self.include and not any(glob_match(p, name) for p in self.include):

@@ -132,7 +132,8 @@ def _unlink_quietly(path: Path | str) -> None:
         pass
 
 
-def _disk_error(err: OSError, path: Path) -> NodekitError:
+def disk_error(err: OSError, path: Path) -> NodekitError:
+    """The LocalIOError (exit 8) for a disk that refused to write `path`: full, read-only, not permitted."""
     if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
         return LocalIOError(f"the disk is full while writing {path}: free space on the node and run again.")
     if err.errno == errno.EFBIG:
@@ -177,7 +178,7 @@ def remove_placed(job_dir: Path, items: Iterable[PlannedFile], state: StateStore
         except FileNotFoundError:
             pass
         except OSError as err:
-            raise _disk_error(err, target) from err
+            raise disk_error(err, target) from err
         state.append(item.path, None)
         log.info("removed %s (%s)", item.path, item.reason)
         while parent != job_dir:
@@ -186,3 +187,6 @@ def remove_placed(job_dir: Path, items: Iterable[PlannedFile], state: StateStore
             except OSError:
                 break
             parent = parent.parent
+
+
+_disk_error = disk_error  # the name transfer.py imports

@@ -16,13 +16,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nodekit.batchenv import BatchEnv, ensure_inside, job_folder
+from nodekit.batchenv import BatchEnv, check_local_source, ensure_inside, job_folder
 from nodekit.credentials import CredentialEnv
 from nodekit.errors import LocalIOError, NodekitError, NotFound, UnsafeInput, UsageError
 from nodekit.names import STATE_DIR, GlobFilter, find_collisions, unsafe_reason
-from nodekit.plan import Action, LocalStat, PlannedFile, human_bytes, plan, remove_placed, sweep_partials
+from nodekit.plan import (
+    Action,
+    LocalStat,
+    PlannedFile,
+    disk_error,
+    human_bytes,
+    plan,
+    remove_placed,
+    sweep_partials,
+)
 from nodekit.report import report_path, write_report
-from nodekit.spec import SourceSpec
+from nodekit.spec import BUILTIN, SourceKind, SourceSpec
 from nodekit.state import STATE_FILE, JobLock, StateStore
 from nodekit.storage import RemoteFile, RunContext, Store
 from nodekit.storage.factory import open_store
@@ -211,7 +220,12 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
              emit: Callable[[str], None] = print, net: NetConfig | None = None) -> PrepResult:
     """Bring the job folder in line with the sources. See the module docstring for what is safe.
 
-    `net` says how to reach storage (trust, timeouts; the CLI reads it from the environment)."""
+    Input is checked before anything is written: sources, filters, the job folder, and local sources
+    that overlap the job folder, nodekit's own folders or another job's (UnsafeInput). A disk error
+    anywhere (full, read-only, not permitted) is a LocalIOError naming the path, and the report is
+    written first. `net` says how to reach storage (trust, timeouts; the CLI reads it from the
+    environment).
+    """
     import sys
 
     # Threads here mostly wait on sockets; when one has a response to handle it should not wait
@@ -219,18 +233,43 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
     sys.setswitchinterval(0.001)
     if not opts.sources:
         raise UsageError("no source given: pass SOURCE arguments or --spec FILE.")
+    flt = GlobFilter(opts.include, opts.exclude)
     shared, job_dir = job_folder(env, opts.dest)
     ensure_inside(shared, job_dir, what="the job folder", strict_child=True)
+    for source in opts.sources:
+        if source.kind is SourceKind.LOCAL and source.path is not None and source.display not in BUILTIN:
+            check_local_source(shared, job_dir, source.path)
     ctx = RunContext(timeout=opts.timeout)
     net = net or NetConfig(read_timeout=opts.read_timeout)
     net.read_timeout = opts.read_timeout
     stores = [open_store(s, creds, net, ctx) for s in opts.sources]
     result = PrepResult(job_dir, [{"name": s.name, "source": st.display, "credential": st.credential_kind}
                                   for s, st in zip(opts.sources, stores, strict=False)], dry_run=opts.dry_run)
+    try:
+        return _run(opts, env, emit, shared, job_dir, ctx, net, stores, flt, result)
+    except OSError as err:  # a file operation that no step turned into a LocalIOError
+        error = disk_error(err, Path(err.filename) if err.filename else job_dir)
+        _fail_report(result, error, ctx, opts, env)
+        raise error from err
+    except LocalIOError as err:
+        _fail_report(result, err, ctx, opts, env)
+        raise
+
+
+def _fail_report(result: PrepResult, err: NodekitError, ctx: RunContext, opts: PrepOptions, env: BatchEnv) -> None:
+    """The report of a run that failed on the node's disk (written once: a failed download wrote it already)."""
+    if result.error is None and not opts.dry_run:
+        result.error = str(err)
+        result.retries, result.elapsed = ctx.retries, time.monotonic() - ctx.started
+        _write_report(result, opts, env)
+
+
+def _run(opts: PrepOptions, env: BatchEnv, emit: Callable[[str], None], shared: Path, job_dir: Path,
+         ctx: RunContext, net: NetConfig, stores: list[Store], flt: GlobFilter, result: PrepResult) -> PrepResult:
     state = StateStore(job_dir)
     scan = _LocalScan(job_dir, state)  # reads the records and stats their files while the listing runs
     try:
-        listing = _list_sources(stores, opts.sources, GlobFilter(opts.include, opts.exclude))
+        listing = _list_sources(stores, opts.sources, flt)
     except NodekitError as err:
         if err.retryable and not opts.dry_run:  # the run did not finish (a deadline, storage down): say why
             result.error = str(err)
@@ -271,6 +310,7 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
         to_get = [f for f in result.files if f.action is Action.DOWNLOAD]
         errors: list[NodekitError] = []
         placed: dict[str, Any] = {}
+        unrecorded: NodekitError | None = None
         try:
             removals = [f for f in result.files if f.action in (Action.REMOVE, Action.FORGET)]
             if removals:
@@ -282,7 +322,13 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
                 if f.action in (Action.REMOVE, Action.FORGET):
                     records.pop(f.path, None)
             records.update(placed)
-            state.compact(records)
+            try:
+                state.compact(records)
+            except OSError as err:  # the files are in place but unrecorded: the next run fetches them again
+                unrecorded = disk_error(err, Path(err.filename) if err.filename else job_dir / STATE_DIR)
+                log.error("%s", unrecorded)  # an error already on its way (the first one) goes on
+        if unrecorded is not None and not errors:
+            errors = [unrecorded]
         result.retries, result.elapsed = ctx.retries, time.monotonic() - ctx.started
         if not errors:
             marker.unlink()  # finished: no partial file can be left behind

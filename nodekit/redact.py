@@ -1,8 +1,10 @@
-"""Keeping secrets out of everything nodekit prints or writes.
+"""Keeping secrets and control characters out of everything nodekit prints or writes.
 
-Two layers: URLs are shown without their query string (`display_url`), and every secret
-nodekit handles (SAS tokens, keys, connection strings) is registered here so that a
-logging filter and the CLI's error printer replace it wherever it would appear.
+Two layers for secrets: URLs are shown without their query string (`display_url`), and every
+secret nodekit handles (SAS tokens, keys, connection strings) is registered here so that a
+logging filter and the CLI's error printer replace it wherever it would appear. `printable`
+escapes control characters (newlines, terminal escape sequences, bidirectional overrides) so
+that a hostile file name can neither break a log line nor reach the terminal raw.
 Safe to call from any thread.
 """
 
@@ -43,6 +45,18 @@ def scrub(text: str) -> str:
     return text
 
 
+# C0 and C1 controls, DEL, line and paragraph separators, bidirectional marks and overrides,
+# and lone surrogates (undecodable bytes of a file name): each shown as its escape, e.g. \n.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character escaped (`\\n`, `\\x1b`, `\\u202e`): one line, inert."""
+    if not _CONTROL.search(text):
+        return text
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def display_url(url: str) -> str:
     """The URL without its query string or user info, fit for logs and reports."""
     try:
@@ -51,18 +65,16 @@ def display_url(url: str) -> str:
         return "<unparseable URL>"
     if not parts.scheme or not parts.netloc:
         return scrub(url.split("?", 1)[0])
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    host = parts.netloc.rpartition("@")[2]  # as written (a port out of range is shown, not raised)
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 class ScrubFilter(logging.Filter):
-    """A logging filter that scrubs each record's final message."""
+    """A logging filter that scrubs each record's final message and escapes its control characters."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        cleaned = scrub(message)
+        cleaned = printable(scrub(message))
         if cleaned != message:
             record.msg = cleaned
             record.args = None

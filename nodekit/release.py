@@ -1,39 +1,44 @@
 """The job release recipe: keep the job's logs and crash dumps, then wipe the job's data.
 
-Order: the logs archive first, then the dumps (each compressed on its own), then the
-manifest, then the wipe — always with time left for the wipe before `deadline`. Every
-uploaded object is verified (size and Content-MD5 read back) and recorded in the manifest
-as soon as it is; a re-run skips what the manifest and storage agree is there. Nothing is
-wiped unless everything that was to be kept is kept, unless `wipe_on_upload_failure` says the
-retention policy comes first. Safe to run again after an interruption at any point.
+Four steps, in order: **collect** (what this node holds of the job: logs, dumps, and what
+cannot be kept, each with its reason), **upload** (the logs archive first, then the dumps, each
+compressed on its own), the **manifest**, then the **wipe** — always with time left for the wipe
+before `deadline`. Every uploaded object is verified (size and Content-MD5 read back) and recorded
+in the manifest as soon as it is; a re-run skips what the manifest and storage agree is there, and
+writes nothing when nothing is new. A file that cannot be read (permissions, vanished, not a
+regular file) is skipped on its own and named in the log and the report; everything else is kept.
+Nothing is wiped unless everything that was to be kept is kept, unless `wipe_on_upload_failure`
+says the retention policy comes first. A local destination must lie outside everything the wipe
+deletes. Safe to run again after an interruption at any point.
 Raises NodekitError subclasses; `ReleaseResult.exit_code` says how a completed run went.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import logging
 import os
 import shutil
 import stat
+import sys
 import tarfile
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from nodekit.batchenv import BatchEnv, check_job_id, ensure_inside, shared_root
+from nodekit.batchenv import RESERVED_PREFIX, BatchEnv, check_job_id, ensure_inside, is_batch_id, shared_root
 from nodekit.cache import CACHE_DIR
 from nodekit.credentials import CredentialEnv
-from nodekit.errors import ExitCode, NodekitError, TransientError, UnsafeInput
-from nodekit.names import glob_match, unsafe_reason
+from nodekit.errors import ExitCode, LocalIOError, NodekitError, TransientError, UnsafeInput, UsageError
+from nodekit.names import check_globs, glob_match, unsafe_reason
 from nodekit.plan import human_bytes
 from nodekit.report import report_path, write_report
-from nodekit.spec import SourceSpec
+from nodekit.spec import BUILTIN, SourceKind, SourceSpec
 from nodekit.storage import CHUNK, RunContext, WritableStore
 from nodekit.storage.factory import open_destination
 from nodekit.storage.net import NetConfig
@@ -100,11 +105,20 @@ class ReleaseResult:
 
     @property
     def exit_code(self) -> ExitCode:
+        if any(f["what"] == "wipe" for f in self.failed):
+            return ExitCode.LOCAL_IO
         if not (self.failed or self.skipped):
             return ExitCode.OK
         if self.failed and not self.uploaded and not self.already and not self.wiped:
             return ExitCode.KEPT_ALL
         return ExitCode.TRANSIENT
+
+    def skip(self, name: str, path: Path | str, why: str) -> None:
+        """Record that `path` is not kept, and why (once per path); logged as a warning."""
+        if any(s["path"] == str(path) for s in self.skipped):
+            return
+        self.skipped.append({"name": name, "path": str(path), "why": why})
+        log.warning("not kept: %s: %s", path, why)
 
     def report(self) -> dict[str, Any]:
         return {
@@ -187,38 +201,150 @@ def task_dirs(places: JobPlaces) -> list[Path]:
     return out
 
 
-def collect(places: JobPlaces, log_globs: tuple[str, ...], dump_globs: tuple[str, ...]) -> \
-        tuple[list[Collected], list[Collected]]:
-    """(logs, dumps) of this job on this node. Symbolic links are skipped, never followed."""
-    logs: list[Collected] = []
-    dumps: list[Collected] = []
+@dataclass
+class Collection:
+    """What this node holds of the job: the logs and dumps to keep, and what cannot be kept (and why)."""
 
-    def add(path: Path, kind: str) -> None:
-        st = os.lstat(path)
+    logs: list[Collected] = field(default_factory=list)
+    dumps: list[Collected] = field(default_factory=list)
+    skipped: list[tuple[str, Path, str]] = field(default_factory=list)  # (name, path, why)
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+
+
+def _not_regular(mode: int) -> str:
+    return f"not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'a special file')})"
+
+
+def open_regular(path: Path) -> tuple[IO[bytes] | None, os.stat_result | None, str]:
+    """(file, its stat, '') for a regular file that can be read now, else (None, None, why not).
+
+    Never follows a link, never blocks on a FIFO; the stat is of the file opened.
+    """
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except FileNotFoundError:
+        return None, None, "it vanished before it could be read"
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return None, None, "it became a symbolic link (never followed)"
+        return None, None, f"it cannot be read: {err.strerror}"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None, None, _not_regular(st.st_mode)
+        return os.fdopen(fd, "rb"), st, ""
+    except OSError as err:  # pragma: no cover - fstat of an open descriptor
+        os.close(fd)
+        return None, None, f"it cannot be read: {err.strerror}"
+
+
+def collect(places: JobPlaces, log_globs: tuple[str, ...], dump_globs: tuple[str, ...]) -> Collection:
+    """This job's logs and dumps on this node, each checked to be readable now.
+
+    Symbolic links are skipped, never followed (and not reported: they are not this job's data).
+    A file to keep that cannot be read, vanished, or is not a regular file (a FIFO, a device), and a
+    folder of a working folder that cannot be listed, go into `skipped` with the reason.
+    """
+    out = Collection()
+
+    def consider(path: Path, kind: str) -> None:
         name = path.relative_to(places.work).as_posix()
-        (logs if kind == "log" else dumps).append(Collected(path, name, st.st_size, st.st_mtime_ns, kind))
+        fh, st, why = open_regular(path)
+        if fh is None or st is None:
+            out.skipped.append((name, path, why))
+            return
+        fh.close()
+        (out.logs if kind == "log" else out.dumps).append(Collected(path, name, st.st_size, st.st_mtime_ns, kind))
+
+    def kind_of(rel: str) -> str | None:
+        if any(glob_match(g, rel) for g in dump_globs):
+            return "dump"
+        if any(glob_match(g, rel) for g in log_globs):
+            return "log"
+        return None
 
     for task in task_dirs(places):
         for fname in ("stdout.txt", "stderr.txt"):
             p = task / fname
-            if p.exists() and stat.S_ISREG(os.lstat(p).st_mode):
-                add(p, "log")
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue  # none written: nothing to keep
+            if not stat.S_ISLNK(st.st_mode):
+                consider(p, "log")
         wd = task / "wd"
         if not _is_dir(wd):
             continue
-        for folder, dirs, files in os.walk(wd, followlinks=False):
+
+        def unreadable(err: OSError, wd: Path = wd) -> None:
+            folder = Path(err.filename) if err.filename else wd
+            if err.errno != errno.ENOENT:  # a folder removed meanwhile held nothing to keep
+                out.skipped.append((folder.relative_to(places.work).as_posix(), folder,
+                                    f"the folder cannot be listed ({err.strerror}): what it holds is not known"))
+
+        for folder, dirs, files in os.walk(wd, onerror=unreadable, followlinks=False):
             dirs.sort()
             for fname in sorted(files):
                 p = Path(folder) / fname
-                if not stat.S_ISREG(os.lstat(p).st_mode):
-                    log.debug("skipped %s: not a regular file (links are never followed)", p)
+                kind = kind_of(p.relative_to(wd).as_posix())
+                if kind is None:
                     continue
-                rel = p.relative_to(wd).as_posix()
-                if any(glob_match(g, rel) for g in dump_globs):
-                    add(p, "dump")
-                elif any(glob_match(g, rel) for g in log_globs):
-                    add(p, "log")
-    return logs, dumps
+                try:
+                    st = os.lstat(p)
+                except FileNotFoundError:
+                    out.skipped.append((p.relative_to(places.work).as_posix(), p,
+                                        "it vanished before it could be read"))
+                    continue
+                if stat.S_ISLNK(st.st_mode):
+                    log.debug("skipped %s: a symbolic link (never followed)", p)
+                    continue
+                consider(p, kind)
+    return out
+
+
+def check_destination(places: JobPlaces, dest: SourceSpec, wipe_task_dirs: bool, purge_cache: bool) -> None:
+    """Refuse a local destination that the wipe would delete, before anything happens.
+
+    The objects go to DEST/JOB_ID/NODE_ID: that folder (links resolved) may not lie inside the job's
+    folder, another job's folder in the shared directory, nodekit's own folders there (the node's cache,
+    which prep repairs by deleting what it does not know), nor — with --wipe-task-dirs — a task's
+    working folder. A relative destination is refused: on a node it would resolve in the release
+    task's own working folder, which Batch deletes. Raises UsageError or UnsafeInput; touches nothing.
+    """
+    if dest.kind is not SourceKind.LOCAL or dest.path is None:
+        return
+    if dest.display in BUILTIN:
+        raise UsageError(f"--upload-to {dest.display}: the embedded sample is not a destination; give a blob "
+                         "container URL or an absolute folder.")
+    raw = os.path.expanduser(dest.path)
+    if not os.path.isabs(raw):
+        raise UsageError(f"--upload-to {dest.path}: a local destination must be an absolute path (a relative one "
+                         "resolves in the release task's working folder, which Batch deletes).")
+    target = Path(os.path.realpath(raw)) / places.job_id / places.node_id
+
+    def refuse(what: str) -> None:
+        raise UnsafeInput(f"--upload-to {dest.path}: the logs would go to {target}, inside {what}, which "
+                          "release or prep deletes: choose a folder outside the job's folders.")
+
+    if target == places.job_dir or places.job_dir in target.parents:
+        refuse(f"the job folder {places.job_dir}")
+    if places.shared in target.parents:
+        top = target.relative_to(places.shared).parts[0]
+        if top.startswith(RESERVED_PREFIX):
+            refuse(f"{places.shared / top}, nodekit's own folder" +
+                   (" (the node's cache, purged by --purge-cache)" if top == CACHE_DIR and purge_cache else ""))
+        if is_batch_id(top):
+            refuse(f"{places.shared / top}, another job's folder")
+    if wipe_task_dirs and places.work in target.parents:
+        parts = target.relative_to(places.work).parts
+        if len(parts) >= 3 and parts[2] == "wd" and parts[0].startswith("job-") and not (
+                places.own_task is not None and places.work / parts[0] / parts[1] == places.own_task):
+            refuse(f"the working folder of task {parts[1]} (--wipe-task-dirs)")
 
 
 def wipe_targets(places: JobPlaces, with_task_dirs: bool, purge_cache: bool = False) -> list[Path]:
@@ -244,16 +370,41 @@ def _guard(places: JobPlaces, target: Path) -> None:
 
 
 def wipe(places: JobPlaces, target: Path) -> bool:
-    """Delete `target` without following links; True if something was deleted ('already gone' is fine)."""
+    """Delete `target` without following links; True if something was deleted ('already gone' is fine).
+
+    Raises LocalIOError naming the first path that could not be deleted (the rest is deleted anyway).
+    """
     _guard(places, target)
     try:
         st = os.lstat(target)
     except FileNotFoundError:
         return False
+    except OSError as err:
+        raise LocalIOError(f"cannot wipe {target}: {err.strerror}.") from err
+    errors: list[tuple[str, str]] = []
+
+    def note(_fn: Any, path: str, exc: Any) -> None:
+        err = exc if isinstance(exc, BaseException) else exc[1]
+        if not isinstance(err, FileNotFoundError):
+            errors.append((path, getattr(err, "strerror", None) or str(err)))
+
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        os.unlink(target)  # a link is removed, never followed
+        try:
+            os.unlink(target)  # a link is removed, never followed
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            raise LocalIOError(f"cannot wipe {target}: {err.strerror}.") from err
         return True
-    shutil.rmtree(target)  # removes links inside as links (fd-based on Linux: no symlink races)
+    # removes links inside as links (fd-based on Linux: no symlink races); goes on past what it cannot delete
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(target, onexc=note)
+    else:  # pragma: no cover - older Pythons
+        shutil.rmtree(target, onerror=note)
+    if errors:
+        path, why = errors[0]
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise LocalIOError(f"cannot wipe {path}: {why}{more}; check the folder's permissions.")
     return True
 
 
@@ -262,16 +413,35 @@ class _Deadline(Exception):
     """The upload would not finish before the deadline (the wipe's reserve included)."""
 
 
-def _gzip_blocks(path: Path, stop_at: float, rate: list[float]) -> Iterator[bytes]:
-    """The file as concatenated gzip members, compressed two blocks at a time in parallel, in order."""
+class _Unreadable(Exception):
+    """A file being uploaded could not be read to its end: the upload is abandoned (never committed).
+
+    Not an OSError, so that no store takes it for a failure of the destination.
+    """
+
+    def __init__(self, item: Collected, why: str) -> None:
+        super().__init__(why)
+        self.item = item
+        self.why = why
+
+
+def _read(fh: IO[bytes], n: int, item: Collected) -> bytes:
+    try:
+        return fh.read(n)
+    except OSError as err:
+        raise _Unreadable(item, f"reading it failed: {err.strerror}") from None
+
+
+def _gzip_blocks(fh: IO[bytes], item: Collected, stop_at: float, rate: list[float]) -> Iterator[bytes]:
+    """The open file as concatenated gzip members, compressed two blocks at a time in parallel, in order."""
     started = time.monotonic()
     done = 0
-    with open(path, "rb") as fh, ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+    with fh, ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         window = []
         eof = False
         while not eof or window:
             while not eof and len(window) < 4:
-                block = fh.read(DUMP_BLOCK)
+                block = _read(fh, DUMP_BLOCK, item)
                 if not block:
                     eof = True
                     break
@@ -286,27 +456,65 @@ def _gzip_blocks(path: Path, stop_at: float, rate: list[float]) -> Iterator[byte
             rate[0] = done / max(time.monotonic() - started, 1e-3)
 
 
-def _logs_archive(logs: list[Collected], where: Path) -> Path:
-    """A deterministic .tar.gz of the logs (same logs, same bytes) in `where`."""
-    fd, name = tempfile.mkstemp(prefix=".nodekit-logs-", suffix=".tar.gz", dir=where)
-    os.close(fd)
-    path = Path(name)
-    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=LOGS_LEVEL,
-                                                 mtime=0) as gz, tarfile.open(fileobj=gz, mode="w",
-                                                                              format=tarfile.PAX_FORMAT) as tar:
+class _Buffer:
+    """A write-only file that the gzip writer fills and the archive generator drains."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, b: bytes) -> int:
+        self.data += b
+        return len(b)
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        out = bytes(self.data)
+        self.data.clear()
+        return out
+
+
+def _logs_archive(logs: list[Collected], files: dict[str, list[int]], skip: Callable[[Collected, str], None]) -> \
+        Iterator[bytes]:
+    """The logs as a deterministic .tar.gz (same logs, same bytes), streamed in blocks of DUMP_BLOCK.
+
+    No temporary file: memory stays at about one block whatever the logs' sizes. A log that cannot be
+    opened is skipped (`skip`); one that cannot be read to the end raises _Unreadable (the archive
+    is then built again without it). `files` gets the size and mtime of each log archived.
+    """
+    out = _Buffer()
+    offset = 0  # bytes of tar written, for the final record padding
+    with gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=LOGS_LEVEL, mtime=0) as gz:  # type: ignore[arg-type]
         for c in logs:
-            info = tar.gettarinfo(str(c.path), arcname=c.name)
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            with open(c.path, "rb") as fh:
-                tar.addfile(info, fh)
-    return path
-
-
-def _file_chunks(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as fh:
-        while chunk := fh.read(DUMP_BLOCK):
-            yield chunk
+            fh, st, why = open_regular(c.path)
+            if fh is None or st is None:
+                skip(c, why)
+                continue
+            with fh:
+                info = tarfile.TarInfo(c.name)
+                info.size, info.mtime, info.mode = st.st_size, int(st.st_mtime), stat.S_IMODE(st.st_mode)
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+                gz.write(header)
+                offset += len(header)
+                left = st.st_size
+                while left > 0:
+                    piece = _read(fh, min(CHUNK, left), c)
+                    if not piece:
+                        raise _Unreadable(c, "it became shorter while it was being archived")
+                    gz.write(piece)
+                    left -= len(piece)
+                    if len(out.data) >= DUMP_BLOCK:
+                        yield out.take()
+                pad = -st.st_size % tarfile.BLOCKSIZE
+                gz.write(b"\0" * pad)
+                offset += st.st_size + pad
+                files[c.name] = [st.st_size, st.st_mtime_ns]
+        end = 2 * tarfile.BLOCKSIZE
+        gz.write(b"\0" * (end + (-(offset + end) % tarfile.RECORDSIZE)))
+    yield out.take()
 
 
 class _Uploader:
@@ -319,6 +527,7 @@ class _Uploader:
         self.manifest: dict[str, Any] = {"job_id": places.job_id, "node_id": places.node_id, "complete": False,
                                          "objects": {}}
         old = store.read_small(f"{prefix}/{MANIFEST}")
+        self.written: bytes | None = old  # what storage holds: a manifest equal to it is not written again
         self.previous: dict[str, Any] = {}
         if old:
             try:
@@ -367,6 +576,7 @@ class _Uploader:
             n += 1
 
     def put(self, name: str, chunks: Iterator[bytes], source: dict[str, Any], kind: str) -> None:
+        """Upload, read back, record. `source` is read after the upload (the archive fills it as it goes)."""
         full = f"{self.prefix}/{name}"
         written = self.store.put(full, chunks, metadata={"nodekitkind": kind})
         remote = self.store.head(full)
@@ -379,11 +589,69 @@ class _Uploader:
         self.write_manifest()
 
     def write_manifest(self, complete: bool = False) -> None:
+        """Write the manifest, unless storage already holds exactly this one (a re-run with nothing new)."""
         for name, entry in self.previous.items():  # what earlier runs kept stays listed
             self.manifest["objects"].setdefault(name, entry)
         self.manifest["complete"] = complete
         body = json.dumps(self.manifest, indent=2, sort_keys=True).encode()
+        if body == self.written:
+            return
         self.store.put(f"{self.prefix}/{MANIFEST}", iter([body]), metadata={"nodekitkind": "manifest"})
+        self.written = body
+
+
+def _upload_logs(up: _Uploader, logs: list[Collected], result: ReleaseResult) -> None:
+    """The logs archive, unless an earlier run kept one that covers these logs. A log that turns out
+    unreadable while archived is skipped and the archive built again without it."""
+    left = list(logs)
+
+    def skip(c: Collected, why: str) -> None:
+        result.skip(c.name, c.path, why)
+
+    while left:
+        wanted = {c.name: [c.size, c.mtime_ns] for c in left}
+
+        def covers(source: dict[str, Any], wanted: dict[str, list[int]] = wanted) -> bool:
+            kept = source.get("files", {})
+            return all(kept.get(n) == v for n, v in wanted.items())
+
+        if up.already_there(LOGS_ARCHIVE, covers):
+            return
+        files: dict[str, list[int]] = {}
+        try:
+            up.put(up.free_name(LOGS_ARCHIVE), _logs_archive(left, files, skip), {"files": files}, "logs")
+            return
+        except _Unreadable as err:
+            skip(err.item, err.why)
+            left = [c for c in left if c.path != err.item.path and not any(
+                s["path"] == str(c.path) for s in result.skipped)]
+
+
+def _upload_dumps(up: _Uploader, dumps: list[Collected], stop_at: float, result: ReleaseResult) -> None:
+    """Each dump compressed and streamed on its own, smallest first, while the deadline allows."""
+    rate = [float(ASSUMED_RATE)]
+    for c in sorted(dumps, key=lambda d: d.size):
+        name = f"dumps/{c.name}.gz"
+        source = {"path": c.name, "size": c.size, "mtime_ns": c.mtime_ns}
+        if up.already_there(name, lambda s, source=source: s == source):  # type: ignore[misc]
+            continue
+        left = stop_at - time.monotonic()
+        if c.size / rate[0] > left:
+            result.skip(name, c.path, f"would take about {c.size / rate[0]:.0f} s at {human_bytes(rate[0])}/s; "
+                                      f"{max(left, 0):.0f} s were left before the wipe's reserve")
+            continue
+        fh, _st, why = open_regular(c.path)
+        if fh is None:
+            result.skip(name, c.path, why)
+            continue
+        try:
+            up.put(up.free_name(name), _gzip_blocks(fh, c, stop_at, rate), source, "dump")
+        except _Deadline:
+            result.skip(name, c.path, "the deadline came during its upload (the partial upload is not visible)")
+        except _Unreadable as err:
+            result.skip(name, c.path, f"{err.why} (the partial upload is not visible)")
+        finally:
+            fh.close()
 
 
 def run_release(opts: ReleaseOptions, env: BatchEnv, creds: CredentialEnv,
@@ -392,66 +660,44 @@ def run_release(opts: ReleaseOptions, env: BatchEnv, creds: CredentialEnv,
 
     `net` says how to reach storage (trust, timeouts; the CLI reads it from the environment)."""
     started = time.monotonic()
+    check_globs(opts.logs, "--logs")
+    check_globs(opts.dumps, "--dumps")
     places = job_places(env)
+    check_destination(places, opts.upload_to, opts.wipe_task_dirs, opts.purge_cache)
     reserve = min(60.0, 0.2 * opts.deadline)  # time kept back for the wipe
     stop_at = started + opts.deadline - reserve
     ctx = RunContext(timeout=max(1.0, opts.deadline - reserve))
     prefix = f"{places.job_id}/{places.node_id}"
-    logs, dumps = collect(places, opts.logs, opts.dumps)
     targets = wipe_targets(places, opts.wipe_task_dirs, opts.purge_cache)
     for t in targets:
         _guard(places, t)
-    result = ReleaseResult(prefix=f"{opts.upload_to.display}/{prefix}", dry_run=opts.dry_run, logs=logs, dumps=dumps)
 
+    # 1. collect
+    found = collect(places, opts.logs, opts.dumps)
+    result = ReleaseResult(prefix=f"{opts.upload_to.display}/{prefix}", dry_run=opts.dry_run, logs=found.logs,
+                           dumps=found.dumps)
     if opts.dry_run:
-        for c in logs:
+        for c in found.logs:
             emit(f"[DRY RUN] upload   {prefix}/{LOGS_ARCHIVE} <- {c.path} ({human_bytes(c.size)})")
-        for c in dumps:
+        for c in found.dumps:
             emit(f"[DRY RUN] upload   {prefix}/dumps/{c.name}.gz <- {c.path} ({human_bytes(c.size)})")
+        for _name, path, why in found.skipped:
+            emit(f"[DRY RUN] skip     {path} ({why})")
         for t in targets:
             if os.path.lexists(t):
                 emit(f"[DRY RUN] delete   {t}")
         result.elapsed = time.monotonic() - started
         return result
+    for name, path, why in found.skipped:
+        result.skip(name, path, why)
 
+    # 2. upload, 3. the manifest
     failure: NodekitError | None = None
     try:
         store = open_destination(opts.upload_to, creds, net or NetConfig(), ctx)
         up = _Uploader(store, prefix, places, result)
-        if logs:
-            files = {c.name: [c.size, c.mtime_ns] for c in logs}
-
-            def covers_logs(source: dict[str, Any]) -> bool:
-                kept = source.get("files", {})
-                return all(kept.get(n) == v for n, v in files.items())
-
-            if not up.already_there(LOGS_ARCHIVE, covers_logs):
-                scratch = Path(env.task_working_dir) if env.task_working_dir else Path(tempfile.gettempdir())
-                archive = _logs_archive(logs, scratch)
-                try:
-                    up.put(up.free_name(LOGS_ARCHIVE), _file_chunks(archive), {"files": files}, "logs")
-                finally:
-                    archive.unlink(missing_ok=True)
-        rate = [float(ASSUMED_RATE)]
-
-        def skip(c: Collected, name: str, why: str) -> None:
-            result.skipped.append({"name": name, "path": str(c.path), "why": why})
-            log.warning("skipped %s: %s", c.path, why)
-
-        for c in sorted(dumps, key=lambda d: d.size):
-            name = f"dumps/{c.name}.gz"
-            source = {"path": c.name, "size": c.size, "mtime_ns": c.mtime_ns}
-            if up.already_there(name, lambda s, source=source: s == source):  # type: ignore[misc]
-                continue
-            left = stop_at - time.monotonic()
-            if c.size / rate[0] > left:
-                skip(c, name, f"would take about {c.size / rate[0]:.0f} s at {human_bytes(rate[0])}/s; "
-                              f"{max(left, 0):.0f} s were left before the wipe's reserve")
-                continue
-            try:
-                up.put(up.free_name(name), _gzip_blocks(c.path, stop_at, rate), source, "dump")
-            except _Deadline:
-                skip(c, name, "the deadline came during its upload (the partial upload is not visible)")
+        _upload_logs(up, found.logs, result)
+        _upload_dumps(up, found.dumps, stop_at, result)
         up.write_manifest(complete=not result.skipped)
     except NodekitError as err:
         failure = err
@@ -459,9 +705,10 @@ def run_release(opts: ReleaseOptions, env: BatchEnv, creds: CredentialEnv,
         log.error("upload failed: %s", err)
     result.retries = ctx.retries
 
+    # 4. the wipe
     incomplete = failure is not None or bool(result.skipped)
     if incomplete and not opts.wipe_on_upload_failure:
-        why = ("the upload failed" if failure else "not everything was uploaded before the deadline") + \
+        why = ("the upload failed" if failure else f"{len(result.skipped)} file(s) could not be kept (see skipped)") + \
             ": nothing wiped, so nothing is lost (--wipe-on-upload-failure puts the retention policy first)"
         for t in targets:
             if os.path.lexists(t):
@@ -470,15 +717,22 @@ def run_release(opts: ReleaseOptions, env: BatchEnv, creds: CredentialEnv,
     else:
         if incomplete:
             log.warning("wiping although %s (--wipe-on-upload-failure)",
-                        "the upload failed" if failure else "not everything was uploaded")
+                        "the upload failed" if failure else "not everything could be kept")
         for t in targets:
-            if wipe(places, t):
-                result.wiped.append(str(t))
-                log.info("wiped %s", t)
+            try:
+                if wipe(places, t):
+                    result.wiped.append(str(t))
+                    log.info("wiped %s", t)
+            except LocalIOError as err:
+                result.failed.append({"what": "wipe", "path": str(t), "error": str(err)})
+                log.error("%s", err)
     result.elapsed = time.monotonic() - started
     _write_report(result, opts, env)
     if failure is not None and result.exit_code is ExitCode.KEPT_ALL:
         raise _KeptAll(f"{failure} Nothing was wiped: the job's data is still on the node.")
+    wipe_failures = [f["error"] for f in result.failed if f["what"] == "wipe"]
+    if wipe_failures:
+        raise LocalIOError(f"{wipe_failures[0]} (the logs and dumps were kept; the report says what was wiped).")
     return result
 
 

@@ -8,7 +8,9 @@ shell added. Rules followed (see shared/reference/batch.md):
 - the preparation task runs on a node before its first task, only on nodes that get a task;
   a non-zero exit is retried up to maxTaskRetryCount; with waitForSuccess a failed one keeps the
   node from running the job's tasks; maxWallClockTime kills it;
-- tasks are spread over nodes and slots from one queue: a node that finishes early takes more;
+- tasks are spread over nodes and slots from one queue: a node that finishes early takes more, and a
+  task taken by a node whose preparation task failed goes back to the queue for the other nodes;
+- ids (job, tasks) are checked as Batch checks them, so none can write outside `root`;
 - a simulated reboot re-runs the preparation task before the node's next task (unless
   rerunOnNodeRebootAfterSuccess is false and it had succeeded);
 - on termination the release task runs on each node that ran the preparation task, killed at
@@ -20,10 +22,8 @@ Raises UsageError for a job JSON it cannot run; never touches anything outside `
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import queue
 import re
 import shlex
 import signal
@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nodekit.batchenv import is_batch_id
 from nodekit.errors import UsageError
-from nodekit.spec import parse_duration
+from nodekit.spec import parse_duration, read_json
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +92,19 @@ def _env_pairs(items: Any, where: str) -> tuple[tuple[str, str], ...]:
     return tuple((str(i["name"]), str(i.get("value", ""))) for i in items)
 
 
+def _check_id(value: Any, what: str) -> str:
+    """`value` if Batch would accept it as an id (letters, digits, '-', '_', at most 64), else UsageError."""
+    if not isinstance(value, str) or not is_batch_id(value):
+        raise UsageError(f"{what} {value!r} is not a valid Batch id (letters, digits, '-' and '_', at most 64 "
+                         "characters): Batch would refuse it.")
+    return value
+
+
 def parse_job(job: Mapping[str, Any]) -> tuple[str, TaskSpec | None, TaskSpec | None]:
     """(job id, preparation task, release task) from a REST "Job - Add" body."""
     if not isinstance(job, dict) or not isinstance(job.get("id"), str):
         raise UsageError("job JSON: it needs an 'id' (the REST \"Job - Add\" body).")
+    _check_id(job["id"], "job JSON: the job id")
     prep = release = None
     p = job.get("jobPreparationTask")
     if p is not None:
@@ -102,7 +112,8 @@ def parse_job(job: Mapping[str, Any]) -> tuple[str, TaskSpec | None, TaskSpec | 
             raise UsageError("job JSON: jobPreparationTask needs a commandLine.")
         c = p.get("constraints") or {}
         prep = TaskSpec(
-            id=p.get("id", "jobpreparation"), command_line=p["commandLine"],
+            id=_check_id(p.get("id", "jobpreparation"), "job JSON: the jobPreparationTask id"),
+            command_line=p["commandLine"],
             env=_env_pairs(p.get("environmentSettings"), "jobPreparationTask"),
             max_wall_clock=_duration(c.get("maxWallClockTime"), "jobPreparationTask maxWallClockTime"),
             max_retries=int(c.get("maxTaskRetryCount", 0)),
@@ -118,7 +129,8 @@ def parse_job(job: Mapping[str, Any]) -> tuple[str, TaskSpec | None, TaskSpec | 
         limit = _duration(r.get("maxWallClockTime"), "jobReleaseTask maxWallClockTime") or RELEASE_MAX_S
         if limit > RELEASE_MAX_S:
             raise UsageError("job JSON: jobReleaseTask maxWallClockTime is over 15 minutes; Batch refuses that.")
-        release = TaskSpec(id=r.get("id", "jobrelease"), command_line=r["commandLine"],
+        release = TaskSpec(id=_check_id(r.get("id", "jobrelease"), "job JSON: the jobReleaseTask id"),
+                           command_line=r["commandLine"],
                            env=_env_pairs(r.get("environmentSettings"), "jobReleaseTask"), max_wall_clock=limit)
     return job["id"], prep, release
 
@@ -129,9 +141,14 @@ def parse_tasks(data: Any) -> list[TaskSpec]:
     if not isinstance(items, list) or not items:
         raise UsageError("tasks JSON: give {\"value\": [{\"id\": ..., \"commandLine\": ...}, ...]}.")
     tasks = []
+    seen: set[str] = set()
     for i, t in enumerate(items):
         if not isinstance(t, dict) or not isinstance(t.get("id"), str) or not isinstance(t.get("commandLine"), str):
             raise UsageError(f"tasks JSON: item {i} needs an 'id' and a 'commandLine'.")
+        _check_id(t["id"], f"tasks JSON: item {i}'s id")
+        if t["id"].lower() in seen:
+            raise UsageError(f"tasks JSON: task id {t['id']!r} is given twice (Batch ids are case-insensitive).")
+        seen.add(t["id"].lower())
         c = t.get("constraints") or {}
         tasks.append(TaskSpec(t["id"], t["commandLine"], _env_pairs(t.get("environmentSettings"), f"task {t['id']}"),
                               _duration(c.get("maxWallClockTime"), f"task {t['id']} maxWallClockTime"),
@@ -189,6 +206,11 @@ class Simulation:
         self.reboots = dict(reboots or {})
         self.emit = emit
         self.nodes = [Node(f"tvm-{i + 1}", self.root / f"tvm-{i + 1}") for i in range(nodes)]
+        unknown = sorted(set(self.reboots) - {n.id for n in self.nodes})
+        if unknown:
+            raise UsageError(f"--reboot {unknown[0]}: there is no such node (the pool has "
+                             f"{', '.join(n.id for n in self.nodes)}).")
+        _check_id(job_id, "the job id")
         self.results: list[TaskResult] = []
         self._results_lock = threading.Lock()
         for node in self.nodes:
@@ -313,23 +335,48 @@ class Simulation:
                 node.needs_prep = True
 
     def run_tasks(self, tasks: list[TaskSpec]) -> list[TaskResult]:
-        """Run every task on the pool (nodes and slots pulling from one queue); returns their results."""
-        pending: queue.Queue[TaskSpec] = queue.Queue()
+        """Run every task on the pool (nodes and slots pulling from one queue); returns their results.
+
+        A node whose preparation task failed (waitForSuccess) puts the task it took back in the queue
+        and takes no more; the other nodes' slots wait while a task may still come back, so they take it.
+        """
+        import collections
+
         for t in tasks:
-            pending.put(t)
+            _check_id(t.id, "task id")
+        pending = collections.deque(tasks)
+        taken = 0  # tasks a slot has taken and not finished (or put back)
+        cond = threading.Condition()
         workers = []
 
+        def next_task() -> TaskSpec | None:
+            nonlocal taken
+            with cond:
+                while not pending and taken:
+                    cond.wait()
+                if not pending:
+                    return None
+                taken += 1
+                return pending.popleft()
+
+        def done(task: TaskSpec | None) -> None:
+            nonlocal taken
+            with cond:
+                taken -= 1
+                if task is not None:
+                    pending.appendleft(task)
+                cond.notify_all()
+
         def work(node: Node) -> None:
-            while True:
-                try:
-                    task = pending.get_nowait()
-                except queue.Empty:
-                    return
+            while (task := next_task()) is not None:
                 if not self._ensure_prep(node):
-                    pending.put(task)  # another node may take it
+                    done(task)  # back to the queue: another node may take it
                     return
                 result = TaskResult(node.id, task.id)
-                self._execute(node, task, "task", result)
+                try:
+                    self._execute(node, task, "task", result)
+                finally:
+                    done(None)
                 with self._results_lock:
                     self.results.append(result)
                 with node.lock:
@@ -346,8 +393,7 @@ class Simulation:
                 time.sleep(0.001)
         for th in workers:
             th.join()
-        while not pending.empty():  # no node could take them (every preparation task failed)
-            t = pending.get_nowait()
+        for t in pending:  # no node could take them (every preparation task failed)
             self.results.append(TaskResult("-", t.id, failure="not run: no node could run it"))
         return self.results
 
@@ -395,9 +441,5 @@ def _code(result: TaskResult | None) -> str:
 
 
 def load_json(path: str | Path, what: str) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as err:
-        raise UsageError(f"cannot read {what} {path}: {err.strerror}.") from None
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{what} {path} is not valid JSON: {err.msg} at line {err.lineno}.") from None
+    """A JSON file (UTF-8, -16 or -32, with or without a byte-order mark); UsageError if it cannot be read."""
+    return read_json(path, what)

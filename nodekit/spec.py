@@ -25,13 +25,12 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from nodekit.errors import UnsafeInput, UsageError
-from nodekit.names import GlobFilter, unsafe_reason
+from nodekit.names import GlobFilter, check_globs, unsafe_reason
 from nodekit.redact import display_url, register_secret
 
 _ACCOUNT = re.compile(r"^[a-z0-9]{3,24}$")
 _CONTAINER = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$")
 _VHOST = re.compile(r"^(?P<account>[a-z0-9]{3,24})\.blob\.[a-z0-9.-]+$")
-_NAMED = re.compile(r"^(?P<name>[^=/\\:]+)=(?P<rest>.+)$")  # a URL's or drive's ':' comes before any '='
 _DURATION = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h|d)?$")
 _ISO_DURATION = re.compile(
     r"^P(?:(?P<d>\d+)D)?(?:T(?:(?P<h>\d+)H)?(?:(?P<m>\d+)M)?(?:(?P<s>\d+(?:\.\d+)?)S)?)?$"
@@ -127,11 +126,24 @@ def _is_local_host(host: str) -> bool:
 
 
 def split_named(text: str) -> tuple[str | None, str]:
-    """`NAME=SOURCE` -> (NAME, SOURCE); anything else -> (None, text)."""
-    m = _NAMED.match(text)
-    if m and "://" not in m.group("name"):
-        return m.group("name"), m.group("rest")
-    return None, text
+    """`NAME=SOURCE` -> (NAME, SOURCE); a URL or a path -> (None, text). UsageError for a bad NAME.
+
+    Text before the first '=' is a NAME unless it holds ':' (a URL, whose query may hold '=', or a
+    drive letter) or starts like a path (`/`, `./`, `../`, `~`). A NAME is one folder name: `=URL`
+    and `a/b=URL` are refused rather than taken for a local path.
+    """
+    head, sep, rest = text.partition("=")
+    if not sep or ":" in head or head.startswith(("/", "./", "../", "~")):
+        return None, text
+    if not head.strip():
+        raise UsageError(f"{text!r}: NAME=SOURCE has no NAME before '='; give a folder name, "
+                         "or start a path that contains '=' with ./ or /.")
+    if "/" in head or "\\" in head:
+        raise UsageError(f"{text!r}: NAME {head!r} must be one folder name (no '/' or "
+                         "'\\'); start a path that contains '=' with ./ or /.")
+    if not rest.strip():
+        raise UsageError(f"{text!r}: nothing after '=': give NAME=SOURCE.")
+    return head, rest
 
 
 def _check_sas(query: str, shown: str) -> str | None:
@@ -181,6 +193,9 @@ def parse_source(
         path = unquote(parts.path) if scheme == "file" else text
         if scheme == "file" and parts.netloc not in ("", "localhost"):
             raise UsageError(f"file URL {text!r} names a host: use file:///absolute/path.")
+        if scheme == "file" and not path.startswith("/"):
+            raise UsageError(f"file URL {text!r} has no absolute path: use file:///absolute/path "
+                             "(file:// alone is not the current folder).")
         windows_path = is_drive or "\\" in path
         default_name = (PureWindowsPath(path).name if windows_path else Path(path.rstrip("/")).name) or "local"
         return _finish(SourceSpec(SourceKind.LOCAL, name or default_name, path, path=path, filter=filter), text, kind)
@@ -300,6 +315,10 @@ def _strings(value: Any, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _globs(value: Any, where: str) -> tuple[str, ...]:
+    return check_globs(_strings(value, where), where)
+
+
 def _check_keys(obj: Mapping[str, Any], allowed: set[str], where: str) -> None:
     unknown = sorted(set(obj) - allowed)
     if unknown:
@@ -334,8 +353,8 @@ def parse_spec(data: Any, *, origin: str = "description") -> Spec:
         if not isinstance(item, dict) or not isinstance(item.get("url"), str):
             raise UsageError(f"{where} must be a URL string or an object with a 'url'.")
         _check_keys(item, _SOURCE_KEYS, where)
-        flt = GlobFilter(_strings(item.get("include", []), f"{where}.include"),
-                         _strings(item.get("exclude", []), f"{where}.exclude"))
+        flt = GlobFilter(_globs(item.get("include", []), f"{where}.include"),
+                         _globs(item.get("exclude", []), f"{where}.exclude"))
         name = item.get("name")
         if name is not None and not isinstance(name, str):
             raise UsageError(f"{where}.name must be a string.")
@@ -359,8 +378,8 @@ def parse_spec(data: Any, *, origin: str = "description") -> Spec:
         cache=prep_data.get("cache", True),
         cache_max_size=prep_data.get("cache_max_size"),
         sources=tuple(sources),
-        include=_strings(prep_data.get("include", []), f"{origin} prep.include"),
-        exclude=_strings(prep_data.get("exclude", []), f"{origin} prep.exclude"),
+        include=_globs(prep_data.get("include", []), f"{origin} prep.include"),
+        exclude=_globs(prep_data.get("exclude", []), f"{origin} prep.exclude"),
         timeout=None if timeout is None else parse_duration(timeout, what=f"{origin} prep.timeout"),
         dest=dest,
         concurrency=concurrency,
@@ -385,8 +404,8 @@ def _parse_release(data: Any, origin: str) -> ReleaseSettings:
     deadline = data.get("deadline")
     return ReleaseSettings(
         upload_to=None if upload_to is None else parse_source(upload_to, name="upload"),
-        logs=_strings(data.get("logs", []), f"{origin} release.logs"),
-        dumps=None if data.get("dumps") is None else _strings(data["dumps"], f"{origin} release.dumps"),
+        logs=_globs(data.get("logs", []), f"{origin} release.logs"),
+        dumps=None if data.get("dumps") is None else _globs(data["dumps"], f"{origin} release.dumps"),
         deadline=None if deadline is None else parse_duration(deadline, what=f"{origin} release.deadline",
                                                                 maximum=RELEASE_MAX_DEADLINE_S),
         wipe_on_upload_failure=data.get("wipe_on_upload_failure"),
@@ -395,19 +414,31 @@ def _parse_release(data: Any, origin: str) -> ReleaseSettings:
     )
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Read and validate a JSON description file; UsageError if unreadable or invalid."""
+def read_json(path: str | Path, what: str) -> Any:
+    """A JSON file decoded; UsageError naming `what` if unreadable, not JSON, or nested too deeply.
+
+    Read as bytes, so that UTF-8 (with or without a byte-order mark), UTF-16 (as Windows PowerShell
+    writes it) and UTF-32 are all read correctly.
+    """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as err:
-        raise UsageError(f"cannot read description file {path}: {err.strerror}.") from None
+        raise UsageError(f"cannot read {what} {path}: {err.strerror}.") from None
     import json  # not paid for by runs without a description file
 
     try:
-        data = json.loads(text)
+        return json.loads(data)
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} {path} is not text in UTF-8, UTF-16 or UTF-32.") from None
     except json.JSONDecodeError as err:
-        raise UsageError(f"description file {path} is not valid JSON: {err.msg} at line {err.lineno}.") from None
-    return parse_spec(data, origin=str(path))
+        raise UsageError(f"{what} {path} is not valid JSON: {err.msg} at line {err.lineno}.") from None
+    except RecursionError:
+        raise UsageError(f"{what} {path} is nested too deeply to be read.") from None
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a JSON description file; UsageError if unreadable or invalid."""
+    return parse_spec(read_json(path, "description file"), origin=str(path))
 
 
 def sources_from_args(args: Sequence[str]) -> tuple[SourceSpec, ...]:

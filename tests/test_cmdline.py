@@ -8,6 +8,7 @@ import shlex
 import stat
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from nodekit.cmdline import Description, job_json, prep_args, release_args
 from nodekit.spec import ReleaseSettings, parse_source
 
 GOLDEN = Path(__file__).parent / "golden"
+WHEEL_URL = "https://acct1.blob.core.windows.net/tools/batch_nodekit-0.1.0-py3-none-any.whl"
 AWKWARD_LINUX = "/mnt/data/it's \"quoted\" 100% & $HOME ü €"
 AWKWARD_WINDOWS = "D:\\data\\it's 100% & $HOME ü €\\"
 
@@ -112,9 +114,10 @@ def test_golden_outputs(os_name: str) -> None:
     desc = describe(os_name)
     from nodekit.cmdline import command_lines, start_task
 
+    with_wheel = replace(desc, wheel_url=WHEEL_URL)  # batch-nodekit is not on the package index yet
     got = {"lines": "\n".join(command_lines(desc)) + "\n",
            "job": json.dumps(job_json(desc), indent=2, ensure_ascii=False) + "\n",
-           "start-task": json.dumps(start_task(desc), indent=2, ensure_ascii=False) + "\n"}
+           "start-task": json.dumps(start_task(with_wheel), indent=2, ensure_ascii=False) + "\n"}
     for fmt, text in got.items():
         path = GOLDEN / f"{os_name}-{fmt}.txt"
         assert text == path.read_text(encoding="utf-8"), f"{path} differs"
@@ -252,6 +255,20 @@ SRC = "https://acct1.blob.core.windows.net/data"
         (["--os", "windows", 'C:\\data\\say "hi"'], 2, "double quote"),
         (["--os", "windows", "C:\\data\\%USERNAME%"], 2, "cmd would expand"),
         (["https://acct1.blob.core.windows.net/data/v=2"], 2, "cannot be given on a command line"),
+        # issue 16: every credential cmdline can recognise, wherever it would land in the job
+        ([SRC, "--env", "DATA_URL=https://acct1.blob.core.windows.net/c/x?sv=2021&sr=c&sig=c2VjcmV0"], 6,
+         "--env DATA_URL: it holds a SAS token (its sig parameter)"),
+        ([SRC, "--env", "STORE=DefaultEndpointsProtocol=https;AccountName=a;AccountKey=c2VjcmV0"], 6,
+         "--env STORE: it holds an account key (AccountKey)"),
+        ([SRC, "--env", "CS=BlobEndpoint=https://a.blob.core.windows.net;SharedAccessSignature=sv=1&c2VjcmV0"], 6,
+         "it holds a SAS token (SharedAccessSignature)"),
+        ([SRC, "--env", "QS=sv=2021-08-06&ss=b&sig=c2VjcmV0"], 6, "--env QS: it holds a SAS token (its sig parameter)"),
+        ([SRC, "--env", "K=" + "c2VjcmV0" * 10 + "c2Vjcm=="], 6, "looks like a storage account key"),
+        ([SRC, "--env", "AUTH=eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2VjcmV0"], 6, "looks like an access token"),
+        ([SRC, "--env", "HDR=Bearer c2VjcmV0"], 6, "a bearer token"),
+        (["https://user:c2VjcmV0@files.example.com/data/model.tgz"], 6, "a password in a URL (user:password@)"),
+        ([SRC, "--upload-to", "https://user:c2VjcmV0@acct1.blob.core.windows.net/logs"], 6, "user:password@"),
+        ([SRC, "--upload-to", "logs"], 2, "a local destination must be an absolute path"),
     ],
 )
 def test_refusals(args: list[str], code: int, message: str) -> None:
@@ -262,6 +279,47 @@ def test_refusals(args: list[str], code: int, message: str) -> None:
     assert message in result.stderr
     assert result.stdout == ""  # nothing printed before the refusal
     assert "c2VjcmV0" not in result.stderr  # the SAS is not echoed either
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--wheel-url", "https://acct1.blob.core.windows.net/tools/batch_nodekit-0.1.0-py3-none-any.whl?sv=1&sig=c2VjcmV0"],
+         "--wheel-url: it holds a SAS token (its sig parameter)"),
+        (["--install", "batch-nodekit @ https://me:c2VjcmV0@pkgs.example.com/batch_nodekit-0.1.0-py3-none-any.whl"],
+         "--install: it holds a password in a URL (user:password@)"),
+    ],
+)
+def test_start_task_refuses_credentials(extra: list[str], message: str) -> None:
+    result = run(["cmdline", "builtin:sample", "--job-id", "j1", "--upload-to", "/logs", "--format", "start-task",
+                  *extra], {}, ok=False)
+    assert (result.exit_code, result.stdout) == (6, "")
+    assert message in result.stderr and "c2VjcmV0" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"id": $job_id, "poolInfo": {"poolId": $pool_id}, "x": "$HOME"}',
+         "has $HOME, which is not one of its placeholders ($job_id, $pool_id, "),
+        ('{"id": $job_id, "poolInfo": {"poolId": $pool_id}, "price": "100$ each"}',
+         "has a '$' that starts no placeholder (line 1, col 64): write $$ for a literal $."),
+    ],
+)
+def test_template_errors_hint_at_a_literal_dollar(tmp_path: Path, text: str, message: str) -> None:
+    template = tmp_path / "job-template.json"
+    template.write_text(text)
+    result = run(["cmdline", SRC, "--job-id", "j1", "--pool-id", "p1", "--upload-to",
+                  "https://acct1.blob.core.windows.net/logs", "--format", "job", "--template", str(template)], {},
+                 ok=False)
+    assert result.exit_code == 2, result.stderr
+    assert message in result.stderr
+    assert "$$" in result.stderr
+    template.write_text(text.replace("$HOME", "$$HOME").replace("100$", "100$$"))  # the hint, followed
+    job = json.loads(run(["cmdline", SRC, "--job-id", "j1", "--pool-id", "p1", "--upload-to",
+                          "https://acct1.blob.core.windows.net/logs", "--format", "job", "--template",
+                          str(template)], {}).stdout)
+    assert job.get("x", "$HOME") == "$HOME" and job.get("price", "100$ each") == "100$ each"
 
 
 def test_cmdline_from_a_description_file(tmp_path: Path) -> None:
@@ -277,22 +335,53 @@ def test_cmdline_from_a_description_file(tmp_path: Path) -> None:
     assert "note:" in result.stderr
 
 
-def test_pip_install_and_generate_from_outside_the_source_tree(tmp_path: Path) -> None:
-    """The packaged templates are in the wheel: a fresh venv, pip install ., run from elsewhere."""
+def test_the_documented_wheel_installs_and_generates_from_outside_the_source_tree(tmp_path: Path) -> None:
+    """The wheel built as the README says is batch-nodekit, carries the templates (top-level templates/ in the
+    source tree), and its `nodekit` generates from a folder far from the source tree."""
+    from nodekit.cmdline import BUILD_WHEEL
+
+    dist = tmp_path / "dist"
+    argv = shlex.split(BUILD_WHEEL)  # python -m pip wheel --no-deps -w dist .
+    argv[0], argv[argv.index("-w") + 1] = sys.executable, str(dist)
+    build = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheels = sorted(p.name for p in dist.iterdir())
+    assert wheels == ["batch_nodekit-0.1.0-py3-none-any.whl"]
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                          str(ROOT)], capture_output=True, text=True)
+                          str(dist / wheels[0])], capture_output=True, text=True)
     assert pip.returncode == 0, pip.stderr[-2000:]
+    away = tmp_path / "elsewhere"
+    away.mkdir()
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import nodekit.cmdline as c; print(c.__file__)"],
+                           cwd=away, capture_output=True, text=True, env=env)
+    assert where.stdout.startswith(str(venv)), where.stdout  # the installed copy, not the source tree
     out = subprocess.run([str(venv / "bin" / "nodekit"), "cmdline", "builtin:sample", "--job-id", "j1", "--pool-id",
                           "p1", "--upload-to", "https://acct1.blob.core.windows.net/logs", "--format", "job"],
-                         cwd=tmp_path, capture_output=True, text=True,
-                         env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
+                         cwd=away, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     job = json.loads(out.stdout)
     assert job["id"] == "j1" and job["jobReleaseTask"]["maxWallClockTime"] == "PT15M"
     start = subprocess.run([str(venv / "bin" / "nodekit"), "cmdline", "builtin:sample", "--job-id", "j1",
-                            "--upload-to", "/tmp/x", "--format", "start-task", "--os", "windows"],
-                           cwd=tmp_path, capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+                            "--upload-to", "D:\\logs", "--format", "start-task", "--os", "windows", "--wheel-url",
+                            WHEEL_URL], cwd=away, capture_output=True, text=True, env=env)
     assert start.returncode == 0, start.stderr
-    assert json.loads(start.stdout)["startTask"]["commandLine"].startswith('cmd /s /c "python -m venv')
+    task = json.loads(start.stdout)["startTask"]
+    assert task["commandLine"].startswith('cmd /s /c "python -m venv')
+    assert task["resourceFiles"] == [{"httpUrl": WHEEL_URL, "filePath": "batch_nodekit-0.1.0-py3-none-any.whl"}]
+
+
+def test_the_start_task_needs_a_wheel_until_batch_nodekit_is_published() -> None:
+    """`pip install nodekit` would install another project as root: the start task never defaults to it."""
+    result = run(["cmdline", "builtin:sample", "--job-id", "j1", "--upload-to", "/logs", "--format", "start-task"], {},
+                 ok=False)
+    assert result.exit_code == 2, result.stderr
+    assert "batch-nodekit is not on the Python package index yet" in result.stderr
+    assert "python -m pip wheel --no-deps -w dist ." in result.stderr and "--wheel-url" in result.stderr
+    assert result.stdout == ""
+    ok = run(["cmdline", "builtin:sample", "--job-id", "j1", "--upload-to", "/logs", "--format", "start-task",
+              "--install", "batch-nodekit @ file:///mnt/tools/batch_nodekit-0.1.0-py3-none-any.whl"], {})
+    assert "batch-nodekit @ file:///mnt/tools/" in json.loads(ok.stdout)["startTask"]["commandLine"]
+    assert "nodekit==" not in ok.stdout

@@ -159,3 +159,42 @@ def test_demo_against_azurite(tmp_path: Path, azurite: Azurite) -> None:
         "nodekit-demo-logs")
     names = {b.name for b in client.list_blobs()}
     assert {f"JobPrepReleaseSampleJob/{n}/logs.tar.gz" for n in blocks} <= names
+
+
+def test_a_task_taken_by_a_node_whose_preparation_failed_goes_to_another_node(tmp_path: Path) -> None:
+    """Batch's rule: the other nodes take it. tvm-1 fails its preparation slowly, after tvm-2 found the queue empty."""
+    job = _job(tmp_path, "/bin/bash -c 'if [ \"$AZ_BATCH_NODE_ID\" = tvm-1 ]; then sleep 0.5; exit 1; fi'")
+    summary, result = _simulate(tmp_path, job, "--nodes", "2", "--task-count", "2", "--task-command",
+                                "/bin/sleep 0.05")
+    assert [(t["task"], t["node"], t["exit_code"]) for t in summary["tasks"]] == [
+        ("task001", "tvm-2", 0), ("task002", "tvm-2", 0)]
+    assert _node(summary, "tvm-1")["tasks"] == 0
+    assert "not run" not in result.stdout
+
+
+def _outside(tmp_path: Path) -> list[str]:
+    return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "pool" not in p.parts)
+
+
+def test_ids_are_checked_as_batch_checks_them_and_nothing_is_written_outside_root(tmp_path: Path) -> None:
+    bad_job = tmp_path / "bad-job.json"
+    bad_job.write_text(json.dumps({"id": "../../escaped", "jobPreparationTask": {"commandLine": "/bin/true"}}))
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(json.dumps({"value": [{"id": "../../../escaped-task", "commandLine": "/bin/true"}]}))
+    good_job = _job(tmp_path, "/bin/true")
+    before = _outside(tmp_path)
+    for args, message in (
+            ([str(bad_job), "--task-count", "1", "--task-command", "/bin/true"],
+             "job JSON: the job id '../../escaped' is not a valid Batch id"),
+            ([str(good_job), "--tasks", str(tasks)], "tasks JSON: item 0's id '../../../escaped-task' is not a valid"),
+            ([str(good_job), "--task-count", "1", "--task-command", "/bin/true", "--reboot", "tvm-9:1"],
+             "--reboot tvm-9: there is no such node (the pool has tvm-1, tvm-2)")):
+        result = run(["simulate", *args, "--root", str(tmp_path / "pool")], {}, ok=False)
+        assert result.exit_code == 2, result.stderr
+        assert message in result.stderr
+        assert len([line for line in result.stderr.splitlines() if line.startswith("Error:")]) == 1
+        assert _outside(tmp_path) == before
+    tasks.write_text(json.dumps({"value": [{"id": "t1", "commandLine": "/bin/true"},
+                                           {"id": "T1", "commandLine": "/bin/true"}]}))
+    result = run(["simulate", str(good_job), "--tasks", str(tasks)], {}, ok=False)
+    assert result.exit_code == 2 and "task id 'T1' is given twice" in result.stderr
