@@ -26,6 +26,7 @@ from nodekit.storage import RemoteFile
 NAME_MAX = 255  # bytes in one name segment on the file systems nodekit writes to (ext4, xfs, NTFS in UTF-16 units)
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
 _UTIME_FD = os.utime in os.supports_fd
+HOLD = 256 * 1024  # bytes gathered before a write: a small file goes to disk in one system call
 
 
 def partial_name(name: str) -> str:
@@ -71,7 +72,8 @@ class Landing:
     """One file arriving in one stream: `begin`, `write` pieces in order (`rewind` starts over), then
     `finish` (check, mtime, rename) or `discard`. `tmp` and `final` are paths as strings."""
 
-    __slots__ = ("fd", "final", "hash_wanted", "hasher", "mode", "name", "on_bytes", "remote", "size", "tmp")
+    __slots__ = ("buffered", "fd", "final", "hash_wanted", "hasher", "held", "mode", "name", "on_bytes", "remote",
+                 "size", "tmp")
 
     def __init__(self, name: str, remote: RemoteFile, final: str, *, hash_wanted: bool, mode: int = 0o644,
                  on_bytes: Callable[[int], None] | None = None) -> None:
@@ -86,23 +88,37 @@ class Landing:
         self.fd = -1
         self.size = 0
         self.hasher: Any = None
+        self.held: list[bytes] = []  # pieces not yet written: small files go to disk in one write
+        self.buffered = 0
 
     def begin(self) -> None:
         self.fd = os.open(self.tmp, _FLAGS, self.mode)
         self.hasher = hashlib.md5() if self.hash_wanted else None
         self.size = 0
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes) -> None:
+        """Take the next piece (hashed now, written once HOLD bytes have gathered, or by `finish`)."""
         if self.hasher is not None:
             self.hasher.update(data)
         n = len(data)
-        while data:
-            data = data[os.write(self.fd, data):]
         self.size += n
+        self.held.append(data)
+        self.buffered += n
+        if self.buffered >= HOLD:
+            self._flush()
         if self.on_bytes is not None:
             self.on_bytes(n)
 
+    def _flush(self) -> None:
+        data = memoryview(self.held[0] if len(self.held) == 1 else b"".join(self.held))
+        self.held.clear()
+        self.buffered = 0
+        while data:
+            data = data[os.write(self.fd, data):]
+
     def rewind(self) -> None:
+        self.held.clear()
+        self.buffered = 0
         os.ftruncate(self.fd, 0)
         os.lseek(self.fd, 0, os.SEEK_SET)
         self.hasher = hashlib.md5() if self.hash_wanted else None
@@ -113,6 +129,8 @@ class Landing:
 
         IntegrityError leaves the temporary file open for a `rewind`; OSError is the caller's to map."""
         md5, verified = check(self.name, self.remote, self.size, self.hasher)
+        if self.held:
+            self._flush()
         mtime = mtime_ns(self.remote.last_modified)
         if mtime is not None and _UTIME_FD:
             os.utime(self.fd, ns=(mtime, mtime))

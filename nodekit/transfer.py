@@ -191,6 +191,7 @@ class Downloader:
         self._placed_lock = threading.Lock()
         self._engine: Any = None
         self._hashing: ThreadPoolExecutor | None = None
+        self._proxies: dict[int, str] = {}
 
     # -- paths -----------------------------------------------------------------------------
     def _ensure_parent(self, final: Path) -> None:
@@ -283,10 +284,13 @@ class Downloader:
         assert item.remote is not None
         url, headers = store.get_request(item.remote)
         access = getattr(store, "access", None)
+        source = item.source or 0
+        if source not in self._proxies:  # one look-up per store: they name one host each
+            self._proxies[source] = self.net.proxy_for(url) or ""
         return {"url": url, "headers": headers, "what": f"downloading {item.path}", "where": store.where(item.remote),
                 "token": access.token if access is not None else None,
                 "credential": access.info() if access is not None else None,
-                "follow": bool(getattr(store, "follow_redirects", False))}
+                "follow": bool(getattr(store, "follow_redirects", False)), "proxy": self._proxies[source]}
 
     def _small_get(self, item: PlannedFile) -> Any:
         from nodekit.storage.fetch import Get
@@ -525,9 +529,10 @@ class Downloader:
         self.progress.file_done()
         if self.on_placed is not None and not cached:
             self.on_placed(item)
-        log.debug("%s %s (%s, %s)", "from the cache" if item.cached else "downloaded", item.path,
-                  human_bytes(remote.size), "verified" if verified else
-                  ("MD5 recorded" if md5 else "no source checksum"))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s (%s, %s)", "from the cache" if item.cached else "downloaded", item.path,
+                      human_bytes(remote.size), "verified" if verified else
+                      ("MD5 recorded" if md5 else "no source checksum"))
 
     def place_cached(self, item: PlannedFile, obj: Path, md5: str | None, verified: bool) -> bool:
         """Put the cached object `obj` in place of `item` (a hard link, else a copy); False if it cannot."""

@@ -187,10 +187,11 @@ class AzureBlobStore:
     def _walk(self, base: str, emit: Callable[[list[Listed]], None]) -> None:
         """Every blob under `base`, its top folders listed side by side (LIST_WORKERS threads).
 
-        A flat listing is one page of 5,000 after another; listing the first levels of folders
-        side by side overlaps the parsing of one with the service's work on the next (and spreads
-        the work over the service's partitions). Folders with over FANOUT_MAX sub-folders, more
-        than one page, or below FANOUT_DEPTH are listed flat, which bounds the request count.
+        For trees of more than one page: a flat listing is one page of 5,000 after another, each a
+        round trip; listing the first levels of folders side by side keeps LIST_WORKERS requests in
+        flight (and spreads the work over the service's partitions). Folders with over FANOUT_MAX
+        sub-folders, more than one page, or below FANOUT_DEPTH are listed flat, which bounds the
+        request count.
         """
         import queue
 
@@ -260,7 +261,11 @@ class AzureBlobStore:
             cut = len(self._base)
             emit([Listed(self.loc.prefix, one)])
             return files
-        self._walk(self._base, emit)
+        first, _, marker = self._page(self._base, "", "")  # most sources fit in one page: one request
+        if marker:  # a large tree: its folders are listed side by side instead
+            self._walk(self._base, emit)
+        else:
+            emit(first)
         if not files and self.loc.prefix:
             for entry in self._list(self.loc.prefix):
                 if entry.name == self.loc.prefix and entry.file is not None:

@@ -32,12 +32,11 @@ from typing import Any, Protocol
 from nodekit.errors import NodekitError, TransientError
 from nodekit.storage import RunContext
 from nodekit.storage.net import CONNECT_TIMEOUT, NetConfig, curl_ca_options, user_agent
-from nodekit.storage.retry import Credential, for_curl, for_status, request_ids
+from nodekit.storage.retry import Credential, Failure, for_curl, for_status, request_ids
 
 log = logging.getLogger(__name__)
 
 CURL_BUFFER = 512 * 1024  # bytes libcurl hands over at most per call: fewer Python calls for large bodies
-ERROR_BODY_MAX = 16 * 1024
 MAX_REDIRECTS = 5
 
 
@@ -70,6 +69,7 @@ class Get:
     credential: Credential | None = None
     ranged: bool = True  # False: a plain GET of the whole object (no Range header unless resuming)
     follow: bool = False  # follow redirects (plain URL sources); credentials never go to another host
+    proxy: str | None = None  # the proxy for `url` ("" for none); None: looked up when sent
     item: Any = None  # the caller's
     pos: int = field(init=False)
     attempt: int = 0
@@ -103,7 +103,7 @@ class CurlEngine:
         self._free: list[Any] = []
         self._pending: deque[Get] = deque()
         self._timers: list[tuple[float, int, Get]] = []
-        self._active: dict[Any, tuple[Get, list[bytes], bytearray]] = {}
+        self._active: dict[Any, tuple[Get, list[bytes]]] = {}
         self._seq = 0
         self._holds = 0
         self._inbox: deque[Get] = deque()
@@ -144,10 +144,9 @@ class CurlEngine:
         c = self._handle()
         c.setopt(pc.URL, get.url)
         c.setopt(pc.HTTPHEADER, headers)
-        c.setopt(pc.PROXY, self.net.proxy_for(get.url) or "")
+        c.setopt(pc.PROXY, get.proxy if get.proxy is not None else (self.net.proxy_for(get.url) or ""))
         c.setopt(pc.FOLLOWLOCATION, 1 if get.follow else 0)
         lines: list[bytes] = []
-        err_body = bytearray()
         requested = get.pos
 
         def write(data: bytes) -> int | None:
@@ -158,9 +157,7 @@ class CurlEngine:
                         get.body.rewind()
                         get.pos = get.start
                 if get.status >= 300:
-                    if len(err_body) < ERROR_BODY_MAX:
-                        err_body.extend(data[:ERROR_BODY_MAX - len(err_body)])
-                    return None
+                    return None  # an error's body: its code is in x-ms-error-code
                 n = len(data)
                 if get.pos + n > get.end:
                     get.error = TransientError(f"{get.what}: the server sent more bytes than the object has; "
@@ -182,7 +179,7 @@ class CurlEngine:
         c.setopt(pc.WRITEFUNCTION, write)
         c.setopt(pc.HEADERFUNCTION, lines.append)
         self.multi.add_handle(c)
-        self._active[c] = (get, lines, err_body)
+        self._active[c] = (get, lines)
 
     # -- the loop --------------------------------------------------------------------------------
     def add(self, get: Get, delay: float = 0.0) -> None:
@@ -239,9 +236,12 @@ class CurlEngine:
                     wait = min(wait, max(0.0, self._timers[0][0] - time.monotonic()))
                 wait = min(wait, max(0.0, self.ctx.remaining()))
                 if self._active:
+                    due = self.multi.timeout()  # libcurl's own timers (name resolution, handshakes, retries)
+                    if due >= 0:
+                        wait = min(wait, due / 1000)
                     self.multi.select(wait)
-                elif wait > 0 and not self._pending:
-                    self.ctx.stop.wait(wait)
+                elif wait > 0 and not self._pending and not self._inbox and (self._timers or self._holds):
+                    self.ctx.stop.wait(wait)  # nothing in flight: a retry is due later, or another thread adds work
         finally:
             for c in list(self._active):
                 self.multi.remove_handle(c)
@@ -254,7 +254,7 @@ class CurlEngine:
     def _end_all(self, done: Done) -> None:
         """The deadline passed or the run is stopping: end every open Get with an error."""
         timed_out = not self.ctx.stop.is_set()
-        gets = [g for g, _, _ in self._active.values()] + list(self._pending) + [g for *_, g in self._timers]
+        gets = [g for g, _ in self._active.values()] + list(self._pending) + [g for *_, g in self._timers]
         for c in list(self._active):
             self.multi.remove_handle(c)
             self._free.append(c)
@@ -270,11 +270,10 @@ class CurlEngine:
                 done(get, Stopped(f"{get.what}: not finished, the run is stopping."))
 
     def _finished(self, c: Any, errno: int, message: str, done: Done) -> None:
-        pc = self.pycurl
-        get, lines, _err_body = self._active.pop(c)
+        get, lines = self._active.pop(c)
         self.multi.remove_handle(c)
         if get.follow:
-            get.effective_url = c.getinfo(pc.EFFECTIVE_URL)
+            get.effective_url = c.getinfo(self.pycurl.EFFECTIVE_URL)
         self._free.append(c)
         if get.error is not None:  # the body refused the bytes (a full disk, too many bytes)
             self._failed(get, get.error, done)
@@ -284,24 +283,22 @@ class CurlEngine:
             from nodekit.redact import display_url
 
             log.debug("GET %s -> %s", display_url(get.url), status or f"curl error {errno}")
+        if not errno and status < 300 and get.pos == get.end:
+            done(get, None)
+            return
         headers = _headers(lines)
         ids = request_ids(get.client_id, headers.get("x-ms-request-id"))
         if errno:
             verdict = for_curl(errno, message, what=get.what, host=_host(get.where), trust_hint=self.net.trust_hint(),
                                ids=ids)
             if get.pos > get.start:
-                verdict = type(verdict)(f"{verdict.reason} after {get.pos - get.start} bytes", verdict.error)
-        elif status is not None and status >= 300:
+                verdict = Failure(f"{verdict.reason} after {get.pos - get.start} bytes", verdict.error)
+        elif status >= 300:
             code = headers.get("x-ms-error-code") or _reason(lines)
             verdict = for_status(status, code, what=get.what, where=get.where, credential=get.credential,
                                  retry_after=headers.get("retry-after"), ids=ids)
-        elif get.pos < get.end:
-            verdict = for_curl(18, "", what=get.what, host="", trust_hint="")
-            verdict = type(verdict)(f"response ended early after {get.pos - get.start} of {get.end - get.start} "
-                                    "bytes")
         else:
-            done(get, None)
-            return
+            verdict = Failure(f"response ended early after {get.pos - get.start} of {get.end - get.start} bytes")
         if verdict.error is not None:
             self._failed(get, verdict.error, done)
             return

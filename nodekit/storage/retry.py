@@ -147,7 +147,6 @@ def for_curl(errno: int, message: str, *, what: str, host: str, trust_hint: str,
 
 def for_exception(err: BaseException, *, what: str, host: str, trust_hint: str, ids: str = "") -> Failure:
     """The verdict on an exception from azure-core, requests or urllib3 (raised before any status came back)."""
-    import socket
     import ssl
 
     seen: set[int] = set()
@@ -162,11 +161,7 @@ def for_exception(err: BaseException, *, what: str, host: str, trust_hint: str, 
                     f"the private-endpoint DNS.{ids}"))
             return Failure("TLS certificate", SourceError(
                 f"{what}: the TLS certificate of {host} is not trusted ({detail}): {trust_hint}.{ids}"))
-        if isinstance(cause, socket.gaierror):
-            return Failure("name resolution", SourceError(
-                f"{what}: the host name {host} cannot be resolved: check the account name in the URL, DNS, or the "
-                f"proxy settings (HTTPS_PROXY, NO_PROXY).{ids}"))
-        if type(cause).__name__ == "NameResolutionError":  # urllib3 2 wraps gaierror in it
+        if type(cause).__name__ in ("gaierror", "NameResolutionError"):  # urllib3 2 wraps gaierror in the latter
             return Failure("name resolution", SourceError(
                 f"{what}: the host name {host} cannot be resolved: check the account name in the URL, DNS, or the "
                 f"proxy settings (HTTPS_PROXY, NO_PROXY).{ids}"))
