@@ -240,6 +240,8 @@ def cli(verbose: bool) -> None:
               help="Seconds between progress lines (0: none).")
 @option("--read-timeout", type=click.FloatRange(0.1, 3600), default=60.0, show_default=True,
               envvar="NODEKIT_READ_TIMEOUT", help="Seconds a connection may stay silent before it is retried.")
+@option("--skip-archived", is_flag=True, default=None, envvar="NODEKIT_SKIP_ARCHIVED",
+        help="Go on without blobs in the archive tier (each reported as skipped) instead of refusing the run.")
 @option("--no-cache", is_flag=True, default=None, envvar="NODEKIT_NO_CACHE",
               help="Do not use or fill the node's cache (SHARED_DIR/.nodekit-cache) for this job.")
 @option("--cache-max-size", metavar="SIZE", callback=_budget, envvar="NODEKIT_CACHE_MAX_SIZE",
@@ -251,7 +253,7 @@ def cli(verbose: bool) -> None:
 def prep_command(sources: tuple[str, ...], spec_path: str | None, include: tuple[str, ...],
                  exclude: tuple[str, ...], dry_run: bool, timeout: float | None, report_path: Path | None,
                  dest: str | None, concurrency: int | None, identity_client_id: str | None,
-                 progress_interval: float, read_timeout: float, no_cache: bool | None,
+                 progress_interval: float, read_timeout: float, skip_archived: bool | None, no_cache: bool | None,
                  cache_max_size: str | None, md5: str | None, shared_dir: str | None,
                  job_id: str | None) -> None:
     """Download a job's common input into the node's shared directory.
@@ -281,6 +283,7 @@ def prep_command(sources: tuple[str, ...], spec_path: str | None, include: tuple
         cache=not (no_cache if no_cache is not None else not settings.cache),
         cache_max_size=cache_max_size or settings.cache_max_size or "50%",
         md5=md5 or settings.md5 or "source",
+        skip_archived=bool(skip_archived if skip_archived is not None else settings.skip_archived),
     )
     parse_budget(opts.cache_max_size, "prep.cache_max_size")  # from --spec: a usage error before anything happens
     env = BatchEnv.from_environ(os.environ).with_overrides(shared_dir=shared_dir, job_id=job_id or spec.job_id)
@@ -378,6 +381,7 @@ def release_command(upload_to: SourceSpec | None, spec_path: str | None, logs: t
 @option("--wipe-on-upload-failure", is_flag=True, default=None, help="release --wipe-on-upload-failure.")
 @option("--purge-cache", is_flag=True, default=None, help="release --purge-cache.")
 @option("--no-cache", is_flag=True, default=None, help="prep --no-cache.")
+@option("--skip-archived", is_flag=True, default=None, help="prep --skip-archived.")
 @option("--cache-max-size", metavar="SIZE", callback=_budget, help="prep --cache-max-size.")
 @option("--md5", type=click.Choice(MD5_POLICIES), help="prep --md5.")
 @option("--identity-client-id", metavar="ID",
@@ -401,7 +405,8 @@ def cmdline_command(sources: tuple[str, ...], spec_path: str | None, target_os: 
                     job_id: str | None, pool_id: str | None, upload_to: SourceSpec | None, include: tuple[str, ...],
                     exclude: tuple[str, ...], timeout: float | None, logs: tuple[str, ...], dumps: tuple[str, ...],
                     deadline: float | None, wipe_task_dirs: bool | None, wipe_on_upload_failure: bool | None,
-                    purge_cache: bool | None, no_cache: bool | None, cache_max_size: str | None, md5: str | None,
+                    purge_cache: bool | None, no_cache: bool | None, skip_archived: bool | None,
+                    cache_max_size: str | None, md5: str | None,
                     identity_client_id: str | None, install: str | None, wheel_url: str | None,
                     template_path: str | None, prep_retries: int, release_max_wall_clock: float | None,
                     retention: float | None, env_pairs: tuple[str, ...]) -> None:
@@ -449,6 +454,7 @@ def cmdline_command(sources: tuple[str, ...], spec_path: str | None, target_os: 
         include=include or spec.prep.include, exclude=exclude or spec.prep.exclude,
         prep_timeout=timeout or spec.prep.timeout or 3600.0, concurrency=spec.prep.concurrency,
         cache=not (no_cache if no_cache is not None else not spec.prep.cache),
+        skip_archived=bool(skip_archived if skip_archived is not None else spec.prep.skip_archived),
         cache_max_size=cache_max_size or spec.prep.cache_max_size,
         md5=md5 or spec.prep.md5,
         release=release, identity_client_id=identity_client_id, os=target_os,

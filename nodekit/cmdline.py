@@ -85,6 +85,7 @@ class Description:
     cache: bool = True
     cache_max_size: str | None = None
     md5: str | None = None  # prep --md5 (None: prep's default)
+    skip_archived: bool = False  # prep --skip-archived
 
 
 def iso_duration(seconds: float) -> str:
@@ -186,6 +187,8 @@ def prep_args(desc: Description) -> list[str]:
         args += ["--md5", desc.md5]
     if not desc.cache:
         args.append("--no-cache")
+    if desc.skip_archived:
+        args.append("--skip-archived")
     elif desc.cache_max_size:
         args += ["--cache-max-size", desc.cache_max_size]
     if desc.identity_client_id:

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from nodekit.errors import IntegrityError, LocalIOError
-from nodekit.names import PARTIAL_SUFFIX
+from nodekit.names import PARTIAL_SUFFIX, too_long
 from nodekit.storage import RemoteFile
 
-NAME_MAX = 255  # bytes in one name segment on the file systems nodekit writes to (ext4, xfs, NTFS in UTF-16 units)
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
 _UTIME_FD = os.utime in os.supports_fd
 HOLD = 256 * 1024  # bytes gathered before a write: a small file goes to disk in one system call
@@ -32,9 +31,9 @@ HOLD = 256 * 1024  # bytes gathered before a write: a small file goes to disk in
 def partial_name(name: str) -> str:
     """The temporary name of a file called `name`: a dot, the name, the suffix; short when that is too long."""
     candidate = f".{name}{PARTIAL_SUFFIX}"
-    if len(candidate.encode("utf-8")) <= NAME_MAX:
+    if not too_long(candidate):
         return candidate
-    return f".{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:24]}{PARTIAL_SUFFIX}"
+    return f".{hashlib.sha256(os.fsencode(name)).hexdigest()[:24]}{PARTIAL_SUFFIX}"
 
 
 @functools.lru_cache(maxsize=4096)

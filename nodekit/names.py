@@ -6,6 +6,7 @@ listing before prep writes anything; `GlobFilter` applies --include/--exclude.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -18,6 +19,7 @@ from nodekit.errors import UsageError
 PARTIAL_SUFFIX = ".nodekit-partial"
 # nodekit's own folder inside a job folder (state, journal, lock).
 STATE_DIR = ".nodekit"
+NAME_MAX = 255  # the longest name segment of the file systems nodekit writes to (ext4, xfs; NTFS in UTF-16 units)
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _WINDOWS_BAD = set('<>:"|?*') | {chr(c) for c in range(32)}
@@ -47,6 +49,8 @@ def unsafe_reason(name: str) -> str | None:
             return "empty path segment (leading, trailing or double '/')"
         if part in (".", ".."):
             return f"'{part}' path segment"
+        if len(part) > NAME_MAX // 4 and too_long(part):
+            return f"a name segment longer than the file system's {NAME_MAX} bytes"
         if WINDOWS:
             if set(part) & _WINDOWS_BAD:
                 return "character not allowed on Windows"
@@ -57,6 +61,13 @@ def unsafe_reason(name: str) -> str | None:
     if parts[0] == STATE_DIR:
         return f"top folder {STATE_DIR} is reserved for nodekit's state"
     return None
+
+
+def too_long(part: str) -> bool:
+    """True if `part` cannot be one file name: over NAME_MAX bytes as the OS encodes it (UTF-16 units on Windows)."""
+    if WINDOWS:  # pragma: no cover - NTFS counts UTF-16 code units
+        return len(part.encode("utf-16-le", "surrogatepass")) // 2 > NAME_MAX
+    return len(os.fsencode(part)) > NAME_MAX
 
 
 def find_collisions(paths: Iterable[str]) -> list[str]:

@@ -95,6 +95,7 @@ class PlannedFile:
     md5: str | None = None
     error: str | None = None
     cached: bool = False  # placed from the node's cache instead of downloaded
+    archived: bool = False  # skipped: archived at the source (--skip-archived)
     placed: bool = False  # in place and recorded by this run
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from nodekit.batchenv import BatchEnv, check_local_source, ensure_inside, job_folder
 from nodekit.credentials import CredentialEnv
-from nodekit.errors import LocalIOError, NodekitError, NotFound, UnsafeInput, UsageError
+from nodekit.errors import LocalIOError, NodekitError, NotFound, SourceError, UnsafeInput, UsageError
 from nodekit.names import STATE_DIR, GlobFilter, find_collisions, unsafe_reason
 from nodekit.plan import (
     Action,
@@ -86,6 +86,7 @@ class PrepOptions:
     cache: bool = True
     cache_max_size: str = "50%"
     md5: str = "source"  # "all": files without a source MD5 are hashed too, and their MD5 recorded
+    skip_archived: bool = False  # archived blobs: skipped (True) or the run refused (False)
 
 
 @dataclass
@@ -130,6 +131,7 @@ class PrepResult:
             "kept": self.count(Action.KEEP),
             "failed": sum(1 for f in self.files if f.error),
             "bytes_downloaded": 0 if self.dry_run else self.bytes_downloaded,
+            "skipped_archived": sum(1 for f in self.files if f.archived),
             "from_cache": len(self._got(True)),
             "bytes_from_cache": sum(f.remote.size for f in self._got(True) if f.remote),
             "cache": self.cache,
@@ -169,15 +171,18 @@ class PrepResult:
 
 
 def _list_sources(stores: list[Store], sources: tuple[SourceSpec, ...], flt: GlobFilter) -> \
-        dict[str, tuple[int, RemoteFile]]:
-    """The combined listing by job-relative path; UnsafeInput for unsafe or colliding names.
+        tuple[dict[str, tuple[int, RemoteFile]], list[str]]:
+    """The combined listing by job-relative path, and the folders the sources hold as such (Data Lake
+    directories, `name/` markers: created even when empty). UnsafeInput for unsafe or colliding names.
 
     Each batch a store hands over while it is still listing is filtered and checked at once, in
     the listing's thread, so that this work overlaps the service's work on the next folders.
+    Folders follow --exclude; with an --include (which selects files) only the files' own folders appear.
     """
     listing: dict[str, tuple[int, RemoteFile]] = {}
     unsafe: list[str] = []
     paths: list[str] = []
+    folders: list[str] = []
     for i, (store, source) in enumerate(zip(stores, sources, strict=False)):
         kept_n = kept_bytes = 0
         prefix = f"{source.name}/"
@@ -198,6 +203,14 @@ def _list_sources(stores: list[Store], sources: tuple[SourceSpec, ...], flt: Glo
                 listing[path] = (i, f)
 
         files = store.list_files(on_batch=take)
+        for folder in getattr(store, "folders", ()):
+            if flt.include or source.filter.include or not (flt(folder) and source.filter(folder)):
+                continue
+            reason = unsafe_reason(folder)
+            if reason:
+                unsafe.append(f"{folder + '/'!r} ({reason})")
+            else:
+                folders.append(prefix + folder)
         if not kept_n:
             what = f"{len(files)} before --include/--exclude" if files else "it is empty"
             raise NotFound(f"source {store.display} has no files ({what}): check the URL, prefix and filters.")
@@ -205,10 +218,10 @@ def _list_sources(stores: list[Store], sources: tuple[SourceSpec, ...], flt: Glo
                  store.credential_kind)
     if unsafe:
         raise UnsafeInput(f"refusing {len(unsafe)} unsafe name(s): {_some(unsafe)}; nothing was written.")
-    collisions = find_collisions(paths)
+    collisions = find_collisions(paths) + [f"{f}/ <-> {f}" for f in sorted(set(folders) & set(listing))]
     if collisions:
         raise UnsafeInput(f"refusing names that cannot all exist on disk: {_some(collisions)}; nothing was written.")
-    return listing
+    return listing, sorted(set(folders))
 
 
 def _some(items: list[str]) -> str:
@@ -269,7 +282,11 @@ def _run(opts: PrepOptions, env: BatchEnv, emit: Callable[[str], None], shared: 
     state = StateStore(job_dir)
     scan = _LocalScan(job_dir, state)  # reads the records and stats their files while the listing runs
     try:
-        listing = _list_sources(stores, opts.sources, flt)
+        listing, folders = _list_sources(stores, opts.sources, flt)
+        for shown, store in zip(result.sources, stores, strict=False):
+            final = getattr(store, "final_display", None)
+            if final and final != store.display:  # a URL that redirected: where the data came from
+                shown["final_url"] = final
     except NodekitError as err:
         if err.retryable and not opts.dry_run:  # the run did not finish (a deadline, storage down): say why
             result.error = str(err)
@@ -278,13 +295,18 @@ def _run(opts: PrepOptions, env: BatchEnv, emit: Callable[[str], None], shared: 
         raise  # a refused input changes nothing, not even the report
     finally:
         scan.join()
+    records, stat = scan.result()
+    _archived(plan(listing, records, stat), opts.skip_archived)  # refused before anything is written
     if opts.dry_run:
-        records, stat = scan.result()
         result.files = plan(listing, records, stat)
+        _archived(result.files, opts.skip_archived)
         result.retries, result.elapsed = ctx.retries, time.monotonic() - ctx.started
         for f in result.files:
             if f.action is not Action.FORGET:
                 emit(f"[DRY RUN] {f.action.value:8} {f.path} ({f.reason})")
+        for folder in folders:
+            if not (job_dir / folder).is_dir():
+                emit(f"[DRY RUN] folder   {folder}/ (a folder at the source)")
         return result
 
     try:
@@ -302,6 +324,7 @@ def _run(opts: PrepOptions, env: BatchEnv, emit: Callable[[str], None], shared: 
                 log.info("removed %d partial file(s) left by an interrupted run", result.swept)
         marker.touch()
         result.files = plan(listing, records, stat)
+        _archived(result.files, opts.skip_archived)
         for f in result.files:
             if f.action is Action.SKIP:
                 log.debug("skip %s (%s)", f.path, f.reason)
@@ -317,6 +340,8 @@ def _run(opts: PrepOptions, env: BatchEnv, emit: Callable[[str], None], shared: 
                 remove_placed(job_dir, removals, state)
             if to_get:
                 errors = _download(opts, shared, job_dir, stores, ctx, net, state, to_get, emit, result, placed)
+            if folders and not errors:
+                _make_folders(job_dir, folders)
         finally:
             for f in result.files:
                 if f.action in (Action.REMOVE, Action.FORGET):
@@ -338,6 +363,45 @@ def _run(opts: PrepOptions, env: BatchEnv, emit: Callable[[str], None], shared: 
             raise errors[0]
     _write_report(result, opts, env)
     return result
+
+
+ARCHIVED = ("Archive", "Rehydrating")
+
+
+def _archived(files: list[PlannedFile], skip: bool) -> None:
+    """Files to download whose blob is archived (or still rehydrating) cannot be read: SourceError naming
+    them before anything is written, or, with `skip`, a skip with its reason for each."""
+    archived = [f for f in files if f.action is Action.DOWNLOAD and f.remote and f.remote.tier in ARCHIVED]
+    if not archived:
+        return
+    if not skip:
+        names = [f"{f.path} ({f.remote.tier.lower() if f.remote and f.remote.tier else ''})" for f in archived]
+        raise SourceError(f"refusing: {len(archived)} file(s) to download are in the archive tier, which cannot be "
+                          f"read: {_some(names)}. Rehydrate them (set their tier to Hot or Cool; hours with Standard "
+                          "priority), or go on without them with --skip-archived or --exclude; nothing was written.")
+    for f in archived:
+        f.action = Action.SKIP
+        f.reason = ("in the archive tier at the source: not downloaded (--skip-archived); rehydrate it (set its tier "
+                    "to Hot or Cool) and run again to get it")
+        f.archived = True
+        log.warning("skipped %s: %s", f.path, f.reason)
+
+
+def _make_folders(job_dir: Path, folders: list[str]) -> None:
+    """Create the folders the sources hold as such (empty ones too), never through a symbolic link."""
+    for folder in folders:
+        path = job_dir
+        for part in folder.split("/"):
+            path = path / part
+            if os.path.islink(path):
+                raise UnsafeInput(f"{path} is a symbolic link: refusing to create folders through it.")
+            try:
+                path.mkdir(exist_ok=True)
+            except FileExistsError:
+                raise LocalIOError(f"{path} is a file where the source has a folder; remove it and run again.") \
+                    from None
+            except OSError as err:
+                raise disk_error(err, path) from err
 
 
 class _LocalScan:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path, PureWindowsPath
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 from nodekit.errors import UnsafeInput, UsageError
 from nodekit.names import GlobFilter, check_globs, unsafe_reason
@@ -30,7 +30,11 @@ from nodekit.redact import display_url, register_secret
 
 _ACCOUNT = re.compile(r"^[a-z0-9]{3,24}$")
 _CONTAINER = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$")
-_VHOST = re.compile(r"^(?P<account>[a-z0-9]{3,24})\.blob\.[a-z0-9.-]+$")
+# Azure's storage host names: ACCOUNT[-secondary].[zNN.][privatelink.](blob|dfs).SUFFIX, e.g.
+# acct.blob.core.windows.net, acct-secondary.blob.core.chinacloudapi.cn, acct.z22.blob.storage.azure.net,
+# acct.privatelink.blob.core.windows.net, acct.dfs.core.usgovcloudapi.net.
+_AZURE_HOST = re.compile(r"^(?P<account>[a-z0-9]{3,24})(?P<secondary>-secondary)?\.(?P<zone>z[0-9]{1,3}\.)?"
+                         r"(?P<privatelink>privatelink\.)?(?P<service>blob|dfs)\.(?P<suffix>[a-z0-9.-]+)$")
 _DURATION = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h|d)?$")
 _ISO_DURATION = re.compile(
     r"^P(?:(?P<d>\d+)D)?(?:T(?:(?P<h>\d+)H)?(?:(?P<m>\d+)M)?(?:(?P<s>\d+(?:\.\d+)?)S)?)?$"
@@ -125,6 +129,19 @@ def _is_local_host(host: str) -> bool:
     return True
 
 
+def azure_host(host: str) -> tuple[str, str] | None:
+    """(account, the blob service's host name) for an Azure storage host name (see _AZURE_HOST), else None.
+
+    A Data Lake (`dfs`) host maps to the same account's blob host: the blob API reads and writes a
+    hierarchical-namespace account's data too (multi-protocol access), so one code path serves both.
+    """
+    m = _AZURE_HOST.match(host)
+    if m is None:
+        return None
+    blob = (f"{m['account']}{m['secondary'] or ''}.{m['zone'] or ''}{m['privatelink'] or ''}blob.{m['suffix']}")
+    return m["account"], blob
+
+
 def split_named(text: str) -> tuple[str | None, str]:
     """`NAME=SOURCE` -> (NAME, SOURCE); a URL or a path -> (None, text). UsageError for a bad NAME.
 
@@ -167,10 +184,13 @@ def parse_source(
 ) -> SourceSpec:
     """Classify `text` (URL or path) into a SourceSpec; UsageError/UnsafeInput on anything wrong.
 
-    Blob containers: `https://ACCOUNT.blob.SUFFIX/CONTAINER[/PREFIX]`, or path-style
-    `http(s)://HOST[:PORT]/ACCOUNT/CONTAINER[/PREFIX]` when HOST is an IP address or localhost
-    (Azurite) or `kind` is "blob". Other `http(s)://` URLs are one file. `file://` URLs and
-    paths are local folders.
+    Blob containers: `https://ACCOUNT.blob.SUFFIX/CONTAINER[/PREFIX]` in every form Azure names
+    storage (any cloud's suffix, `-secondary`, DNS zones `zNN.blob.storage.azure.net`,
+    `privatelink.`, and Data Lake's `dfs` hosts and `abfs[s]://CONTAINER@ACCOUNT.dfs.SUFFIX/PATH`,
+    read through the blob endpoint); path-style `http(s)://HOST[:PORT]/ACCOUNT/CONTAINER[/PREFIX]`
+    when HOST is an IP address or localhost (Azurite); and, with `kind` "blob", a custom domain
+    `https://HOST/CONTAINER[/PREFIX]` (its account comes from the credential). Other `http(s)://`
+    URLs are one file. `file://` URLs and paths are local folders.
     """
     text = text.strip()
     if not text:
@@ -199,6 +219,8 @@ def parse_source(
         windows_path = is_drive or "\\" in path
         default_name = (PureWindowsPath(path).name if windows_path else Path(path.rstrip("/")).name) or "local"
         return _finish(SourceSpec(SourceKind.LOCAL, name or default_name, path, path=path, filter=filter), text, kind)
+    if scheme in ("abfs", "abfss"):
+        return _abfs(text, parts, name, kind, filter)
     if scheme not in ("http", "https"):
         raise UsageError(
             f"unknown scheme '{parts.scheme}:' in source {display_url(text)!r}: "
@@ -216,38 +238,55 @@ def parse_source(
         netloc = f"[{host}]:{port}" if port else f"[{host}]"
     segments = [unquote(s) for s in parts.path.split("/") if s]
     shown = display_url(text)
-    vhost = _VHOST.match(host)
-    if kind != "url" and (vhost or kind == "blob" or _is_local_host(host)):
-        if vhost:
-            account, endpoint = vhost.group("account"), f"{scheme}://{netloc}"
-        elif len(segments) >= 1 and _ACCOUNT.match(segments[0]):
-            account = segments.pop(0)
+    azure = azure_host(host)
+    if kind != "url" and (azure or kind == "blob" or _is_local_host(host)):
+        if azure:
+            account, endpoint = azure[0], f"{scheme}://{azure[1]}" + (f":{port}" if port else "")
+        elif (segments and _ACCOUNT.match(segments[0]) and (_is_local_host(host) or segments[0] == "devstoreaccount1")
+              and (kind == "blob" or (len(segments) > 1 and _CONTAINER.match(segments[1])))):
+            account = segments.pop(0)  # path-style: the emulator, or a storage endpoint named by its address
             endpoint = f"{scheme}://{netloc}/{account}"
+        elif kind == "blob" and not _is_local_host(host):
+            account, endpoint = "", f"{scheme}://{netloc}"  # a custom domain: the container comes first
         else:
             account = ""
-        path_style_ok = vhost or (account and segments and _CONTAINER.match(segments[0]))
-        if path_style_ok or kind == "blob":
-            if not account:
+        if azure or account or kind == "blob":
+            if not account and _is_local_host(host):
                 raise UsageError(f"{shown}: no storage account in the URL (https://ACCOUNT.blob.core.windows.net/...).")
-            if not segments:
-                raise UsageError(f"{shown}: the URL names no container (.../CONTAINER[/PREFIX]).")
-            container = segments[0]
-            if not _CONTAINER.match(container):
-                raise UsageError(
-                    f"{shown}: {container!r} is not a valid container name "
-                    "(3-63 lowercase letters, digits and single hyphens)."
-                )
-            prefix = "/".join(segments[1:])
-            sas = _check_sas(parts.query, shown)
-            location = BlobLocation(endpoint, account, container, prefix, sas)
-            default_name = segments[-1] if len(segments) > 1 else container
-            spec = SourceSpec(SourceKind.BLOB, name or default_name, shown, blob=location, filter=filter)
-            return _finish(spec, text, kind)
+            return _blob_source(text, shown, endpoint, account, segments, parts.query, name, kind, filter)
     if not segments:
         raise UsageError(f"{shown}: a file URL needs a path that ends in a file name.")
     if parts.query and "sig=" in parts.query:
         _check_sas(parts.query, shown)
     return _finish(SourceSpec(SourceKind.URL, name or "downloads", shown, url=text, filter=filter), text, kind)
+
+
+def _blob_source(text: str, shown: str, endpoint: str, account: str, segments: list[str], query: str,
+                 name: str | None, kind: str | None, filter: GlobFilter) -> SourceSpec:
+    if not segments:
+        raise UsageError(f"{shown}: the URL names no container (.../CONTAINER[/PREFIX]).")
+    container = segments[0]
+    if not _CONTAINER.match(container):
+        raise UsageError(f"{shown}: {container!r} is not a valid container name (3-63 lowercase letters, digits and "
+                         "single hyphens).")
+    sas = _check_sas(query, shown)
+    location = BlobLocation(endpoint, account, container, "/".join(segments[1:]), sas)
+    default_name = segments[-1] if len(segments) > 1 else container
+    return _finish(SourceSpec(SourceKind.BLOB, name or default_name, shown, blob=location, filter=filter), text, kind)
+
+
+def _abfs(text: str, parts: SplitResult, name: str | None, kind: str | None, filter: GlobFilter) -> SourceSpec:
+    """`abfs[s]://CONTAINER@ACCOUNT.dfs.SUFFIX/PATH` (Hadoop's and Spark's Data Lake URLs): the same data by the
+    blob endpoint over https."""
+    shown = display_url(text)
+    if kind not in (None, "blob"):
+        raise UsageError(f"{shown}: an {parts.scheme}:// URL names a Data Lake container, not a {kind} source.")
+    container, at, host = parts.netloc.rpartition("@")
+    azure = azure_host(host.lower())
+    if not at or not container or azure is None:
+        raise UsageError(f"{shown}: write {parts.scheme}://CONTAINER@ACCOUNT.dfs.core.windows.net/PATH.")
+    segments = [container] + [unquote(x) for x in parts.path.split("/") if x]
+    return _blob_source(text, shown, f"https://{azure[1]}", azure[0], segments, parts.query, name, "blob", filter)
 
 
 def _finish(spec: SourceSpec, raw: str, kind: str | None) -> SourceSpec:
@@ -270,6 +309,7 @@ class PrepSettings:
     concurrency: int | None = None
     cache: bool = True
     cache_max_size: str | None = None
+    skip_archived: bool = False
     md5: str | None = None
 
 
@@ -300,7 +340,8 @@ class Spec:
 
 
 _TOP_KEYS = {"nodekit", "job_id", "pool_id", "prep", "release"}
-_PREP_KEYS = {"sources", "include", "exclude", "timeout", "dest", "concurrency", "cache", "cache_max_size", "md5"}
+_PREP_KEYS = {"sources", "include", "exclude", "timeout", "dest", "concurrency", "cache", "cache_max_size", "md5",
+              "skip_archived"}
 _SOURCE_KEYS = {"url", "name", "kind", "include", "exclude"}
 _RELEASE_KEYS = {"upload_to", "logs", "dumps", "deadline", "wipe_on_upload_failure", "wipe_task_dirs",
                  "purge_cache"}
@@ -366,8 +407,9 @@ def parse_spec(data: Any, *, origin: str = "description") -> Spec:
     dest = prep_data.get("dest")
     if dest is not None and not isinstance(dest, str):
         raise UsageError(f"{origin}: prep.dest must be a string.")
-    if not isinstance(prep_data.get("cache", True), bool):
-        raise UsageError(f"{origin}: prep.cache must be true or false.")
+    for key, default in (("cache", True), ("skip_archived", False)):
+        if not isinstance(prep_data.get(key, default), bool):
+            raise UsageError(f"{origin}: prep.{key} must be true or false.")
     if prep_data.get("cache_max_size") is not None and not isinstance(prep_data["cache_max_size"], str):
         raise UsageError(f"{origin}: prep.cache_max_size must be a string like \"10G\" or \"50%\".")
     md5 = prep_data.get("md5")
@@ -376,6 +418,7 @@ def parse_spec(data: Any, *, origin: str = "description") -> Spec:
     prep = PrepSettings(
         md5=md5,
         cache=prep_data.get("cache", True),
+        skip_archived=prep_data.get("skip_archived", False),
         cache_max_size=prep_data.get("cache_max_size"),
         sources=tuple(sources),
         include=_globs(prep_data.get("include", []), f"{origin} prep.include"),

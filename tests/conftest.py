@@ -80,6 +80,9 @@ def azurite() -> Iterator[Azurite]:
         stop_process(proc)
 
 
+AZURE_NAME = f"{DEV_ACCOUNT}.blob.core.windows.net"  # Azurite under its production name, through the tests' proxy
+
+
 @dataclass(frozen=True)
 class Tls:
     """A test certificate authority, a server certificate it signed for the loopback names, and one for
@@ -94,7 +97,7 @@ class Tls:
 def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
     folder = tmp_path_factory.mktemp("tls")
     ca = make_ca(folder)
-    return Tls(ca, make_server_cert(ca, folder, ["127.0.0.1", "127.0.0.2", "localhost"]),
+    return Tls(ca, make_server_cert(ca, folder, ["127.0.0.1", "127.0.0.2", "localhost", AZURE_NAME]),
                make_server_cert(ca, folder, ["other.example"], stem="other"))
 
 

@@ -49,7 +49,9 @@ def _loopback(host: str) -> str:
 class ForwardProxy:
     """A loopback forward proxy (CONNECT tunnels and absolute-URI requests); see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, routes: dict[str, int] | None = None) -> None:
+        """`routes`: "host:port" -> a loopback port that stands for it (an Azure host name, say)."""
+        self.routes = routes or {}
         self.tunnels: Counter[str] = Counter()  # "host:port" -> CONNECTs
         self.requests: Counter[str] = Counter()  # "METHOD host:port" -> forwarded requests
         self._sock = socket.create_server(("127.0.0.1", 0))
@@ -91,6 +93,8 @@ class ForwardProxy:
                 if method == "CONNECT":
                     host, _, port = target.rpartition(":")
                     self.tunnels[target] += 1
+                    if target in self.routes:
+                        host, port = "127.0.0.1", str(self.routes[target])
                     upstream = socket.create_connection((_loopback(host), int(port)))
                     # clients wait for this answer before they send: nothing of theirs is buffered yet
                     conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")

@@ -254,7 +254,7 @@ def resolve(loc: BlobLocation, creds: CredentialEnv, *, write: bool = False, lif
                 return Access("SAS from AZURE_STORAGE_CONNECTION_STRING", sas=sas)
         log.debug("AZURE_STORAGE_CONNECTION_STRING is for another account; not used for %s", loc.account)
     if creds.account and creds.key:
-        if creds.account == loc.account:
+        if creds.account == loc.account or not loc.account:  # no account in the URL: a custom domain
             return _key_access(loc, (creds.account, creds.key), "AZURE_STORAGE_KEY", write, lifetime)
         log.debug("AZURE_STORAGE_ACCOUNT is another account; not used for %s", loc.account)
     if creds.sas_token:
