@@ -17,6 +17,7 @@ import pytest
 from conftest import AZURE_NAME, DEV_ACCOUNT, Azurite, BatchNode, BlobRemote, Tls, remote_env, tree
 from helpers import actions, report, run
 from netservers import Answer, ForwardProxy, ScriptedServer
+from test_release import ReleaseNode, release_node  # noqa: F401 - the fixture
 
 from nodekit.spec import parse_source
 
@@ -272,3 +273,21 @@ def test_a_plain_url_follows_redirects_without_forwarding_the_credential(batch_n
     finally:
         for s in (real, hop, loop):
             s.stop()
+
+
+def test_release_uploads_to_a_data_lake_container(azurite_tls: Azurite, tls: Tls,
+                                                  release_node: ReleaseNode) -> None:  # noqa: F811
+    remote = BlobRemote(azurite_tls, verify=str(tls.ca.cert))
+    _hns(remote)  # a container with Data Lake directories in it already
+    proxy = ForwardProxy(routes={f"{AZURE_NAME}:443": azurite_tls.port}).start()
+    try:
+        env = release_node.env(AZURE_STORAGE_CONNECTION_STRING=azurite_tls.connection_string, HTTPS_PROXY=proxy.url,
+                               REQUESTS_CA_BUNDLE=str(tls.ca.cert))
+        for _ in range(2):
+            run(["release", "--upload-to", f"abfss://{remote.container}@{DEV_ACCOUNT}.dfs.core.windows.net/keep"], env)
+    finally:
+        proxy.stop()
+    kept = sorted(b.name for b in remote.client.list_blobs(name_starts_with="keep/"))
+    assert kept == ["keep/job-1/tvm-1/dumps/job-1/task002/wd/core.gz", "keep/job-1/tvm-1/logs.tar.gz",
+                    "keep/job-1/tvm-1/manifest.json"]
+    assert not release_node.node.job_dir.exists()
