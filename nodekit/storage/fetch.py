@@ -78,7 +78,6 @@ class Get:
     began: bool = False
     error: NodekitError | None = None  # raised by the Body: ends the Get with it
     last_failure: str = ""
-    effective_url: str = ""
 
     def __post_init__(self) -> None:
         self.pos = self.start
@@ -107,27 +106,10 @@ class CurlEngine:
         self._seq = 0
         self._holds = 0
         self._inbox: deque[Get] = deque()
-        self._verify = curl_ca_options(net.verify())
 
     # -- handles ---------------------------------------------------------------------------------
     def _handle(self) -> Any:
-        if self._free:
-            return self._free.pop()
-        pc = self.pycurl
-        c = pc.Curl()
-        c.setopt(pc.NOSIGNAL, 1)
-        c.setopt(getattr(pc, self._verify[0]), self._verify[1])
-        c.setopt(pc.USERAGENT, user_agent())
-        c.setopt(pc.HTTP_VERSION, pc.CURL_HTTP_VERSION_1_1)
-        c.setopt(pc.BUFFERSIZE, CURL_BUFFER)
-        c.setopt(pc.CONNECTTIMEOUT, int(CONNECT_TIMEOUT))
-        c.setopt(pc.LOW_SPEED_LIMIT, 1)  # a connection silent for read_timeout seconds is cut (and retried)
-        c.setopt(pc.LOW_SPEED_TIME, max(1, round(self.read_timeout)))
-        c.setopt(pc.TCP_KEEPALIVE, 1)
-        c.setopt(pc.MAXREDIRS, MAX_REDIRECTS)
-        c.setopt(pc.PROTOCOLS, pc.PROTO_HTTP | pc.PROTO_HTTPS)
-        c.setopt(pc.REDIR_PROTOCOLS, pc.PROTO_HTTPS | pc.PROTO_HTTP)
-        return c
+        return self._free.pop() if self._free else new_handle(self.net, self.read_timeout)
 
     def _start(self, get: Get) -> None:
         pc = self.pycurl
@@ -216,11 +198,11 @@ class CurlEngine:
                     try:
                         self._start(get)
                     except NodekitError as err:  # a token that cannot be had
-                        self._failed(get, err, done)
+                        done(get, err)
                     except OSError as err:  # the body's file cannot be created
                         from nodekit.plan import _disk_error
 
-                        self._failed(get, _disk_error(err, _where(get.body)), done)
+                        done(get, _disk_error(err, _where(get.body)))
                 while self.multi.perform()[0] == pc.E_CALL_MULTI_PERFORM:
                     pass
                 while True:
@@ -272,11 +254,9 @@ class CurlEngine:
     def _finished(self, c: Any, errno: int, message: str, done: Done) -> None:
         get, lines = self._active.pop(c)
         self.multi.remove_handle(c)
-        if get.follow:
-            get.effective_url = c.getinfo(self.pycurl.EFFECTIVE_URL)
         self._free.append(c)
         if get.error is not None:  # the body refused the bytes (a full disk, too many bytes)
-            self._failed(get, get.error, done)
+            done(get, get.error)
             return
         status = get.status if get.status is not None else _status(lines)
         if log.isEnabledFor(logging.DEBUG):
@@ -286,35 +266,25 @@ class CurlEngine:
         if not errno and status < 300 and get.pos == get.end:
             done(get, None)
             return
-        headers = _headers(lines)
-        ids = request_ids(get.client_id, headers.get("x-ms-request-id"))
-        if errno:
-            verdict = for_curl(errno, message, what=get.what, host=_host(get.where), trust_hint=self.net.trust_hint(),
-                               ids=ids)
-            if get.pos > get.start:
-                verdict = Failure(f"{verdict.reason} after {get.pos - get.start} bytes", verdict.error)
-        elif status >= 300:
-            code = headers.get("x-ms-error-code") or _reason(lines)
-            verdict = for_status(status, code, what=get.what, where=get.where, credential=get.credential,
-                                 retry_after=headers.get("retry-after"), ids=ids)
-        else:
+        verdict = judge(errno, message, lines, what=get.what, where=get.where, credential=get.credential,
+                        trust_hint=self.net.trust_hint(), client_id=get.client_id)
+        if errno and get.pos > get.start:
+            verdict = Failure(f"{verdict.reason} after {get.pos - get.start} bytes", verdict.error)
+        elif not errno and status < 300:
             verdict = Failure(f"response ended early after {get.pos - get.start} of {get.end - get.start} bytes")
         if verdict.error is not None:
-            self._failed(get, verdict.error, done)
+            done(get, verdict.error)
             return
         get.last_failure = verdict.reason
         get.attempt += 1
         delay = self.ctx.retry_delay(get.attempt, verdict.retry_after)
         if delay >= self.ctx.remaining():
-            self._failed(get, TransientError(
+            done(get, TransientError(
                 f"{get.what}: gave up after {get.attempt} retries within the {self.ctx.timeout:g} s timeout (last "
-                f"error: {verdict.reason}); a later run may succeed."), done)
+                f"error: {verdict.reason}); a later run may succeed."))
             return
         log.debug("%s: %s; retrying in %.1f s", get.what, verdict.reason, delay)
         self.add(get, delay)
-
-    def _failed(self, get: Get, error: NodekitError, done: Done) -> None:
-        done(get, error)
 
 
 def _status(lines: list[bytes]) -> int:
@@ -361,13 +331,39 @@ def _where(body: Body) -> Any:
     return Path(getattr(body, "tmp", "") or ".")
 
 
-def fetch_one(net: NetConfig, ctx: RunContext, get: Get, read_timeout: float = 60.0) -> None:
-    """Run a single Get to its end; raise its error (a convenience for HEAD-less small reads)."""
-    errors: list[NodekitError] = []
-    engine = CurlEngine(net, ctx, 1, read_timeout)
-    engine.run([get], lambda g, e: errors.append(e) if e is not None else None)
-    if errors:
-        raise errors[0]
+def new_handle(net: NetConfig, read_timeout: float) -> Any:
+    """A libcurl easy handle with nodekit's settings: trust, User-Agent, HTTP/1.1, timeouts, redirects' limits."""
+    import pycurl as pc
+
+    c = pc.Curl()
+    option, path = curl_ca_options(net.verify())
+    c.setopt(pc.NOSIGNAL, 1)
+    c.setopt(getattr(pc, option), path)
+    c.setopt(pc.USERAGENT, user_agent())
+    c.setopt(pc.HTTP_VERSION, pc.CURL_HTTP_VERSION_1_1)
+    c.setopt(pc.BUFFERSIZE, CURL_BUFFER)
+    c.setopt(pc.CONNECTTIMEOUT, int(CONNECT_TIMEOUT))
+    c.setopt(pc.LOW_SPEED_LIMIT, 1)  # a connection silent for read_timeout seconds is cut (and retried)
+    c.setopt(pc.LOW_SPEED_TIME, max(1, round(read_timeout)))
+    c.setopt(pc.TCP_KEEPALIVE, 1)
+    c.setopt(pc.MAXREDIRS, MAX_REDIRECTS)
+    c.setopt(pc.PROTOCOLS, pc.PROTO_HTTP | pc.PROTO_HTTPS)
+    c.setopt(pc.REDIR_PROTOCOLS, pc.PROTO_HTTPS | pc.PROTO_HTTP)
+    return c
+
+
+def judge(errno: int, message: str, lines: list[bytes], *, what: str, where: str, credential: Credential | None,
+          trust_hint: str, client_id: str) -> Failure:
+    """The verdict on a finished request: a libcurl error, else its status (a 2xx passes, `error` None)."""
+    headers = _headers(lines)
+    ids = request_ids(client_id, headers.get("x-ms-request-id"))
+    if errno:
+        return for_curl(errno, message, what=what, host=_host(where), trust_hint=trust_hint, ids=ids)
+    status = _status(lines)
+    if status >= 300:
+        return for_status(status, headers.get("x-ms-error-code") or _reason(lines), what=what, where=where,
+                          credential=credential, retry_after=headers.get("retry-after"), ids=ids)
+    return Failure(f"{status}")
 
 
 def head(net: NetConfig, ctx: RunContext, url: str, *, what: str, where: str, follow: bool,
@@ -375,28 +371,20 @@ def head(net: NetConfig, ctx: RunContext, url: str, *, what: str, where: str, fo
     """HEAD `url` with retries (redirects followed when `follow`): (header fields, the final URL)."""
     import pycurl
 
-    verify = curl_ca_options(net.verify())
     attempt = 0
     while True:
-        c = pycurl.Curl()
+        c = new_handle(net, read_timeout)
         lines: list[bytes] = []
         client_id = str(uuid.uuid4())
+        errno, message = 0, ""
         try:
-            c.setopt(pycurl.NOSIGNAL, 1)
-            c.setopt(getattr(pycurl, verify[0]), verify[1])
-            c.setopt(pycurl.USERAGENT, user_agent())
             c.setopt(pycurl.URL, url)
             c.setopt(pycurl.NOBODY, 1)
             c.setopt(pycurl.HTTPHEADER, [f"x-ms-client-request-id: {client_id}"])
             c.setopt(pycurl.PROXY, net.proxy_for(url) or "")
             c.setopt(pycurl.FOLLOWLOCATION, 1 if follow else 0)
-            c.setopt(pycurl.MAXREDIRS, MAX_REDIRECTS)
-            c.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
-            c.setopt(pycurl.REDIR_PROTOCOLS, pycurl.PROTO_HTTPS | pycurl.PROTO_HTTP)
-            c.setopt(pycurl.CONNECTTIMEOUT, int(CONNECT_TIMEOUT))
             c.setopt(pycurl.TIMEOUT, max(1, int(min(read_timeout + CONNECT_TIMEOUT, max(1.0, ctx.remaining())))))
             c.setopt(pycurl.HEADERFUNCTION, lines.append)
-            errno, message = 0, ""
             try:
                 c.perform()
             except pycurl.error as err:
@@ -404,16 +392,10 @@ def head(net: NetConfig, ctx: RunContext, url: str, *, what: str, where: str, fo
             final = c.getinfo(pycurl.EFFECTIVE_URL)
         finally:
             c.close()
-        fields = _headers(lines)
-        ids = request_ids(client_id, fields.get("x-ms-request-id"))
-        status = _status(lines)
-        if errno:
-            verdict = for_curl(errno, message, what=what, host=_host(where), trust_hint=net.trust_hint(), ids=ids)
-        elif status >= 300:
-            verdict = for_status(status, fields.get("x-ms-error-code") or _reason(lines), what=what, where=where,
-                                 credential=None, retry_after=fields.get("retry-after"), ids=ids)
-        else:
-            return fields, final
+        verdict = judge(errno, message, lines, what=what, where=where, credential=None, trust_hint=net.trust_hint(),
+                        client_id=client_id)
+        if not errno and _status(lines) < 300:
+            return _headers(lines), final
         if verdict.error is not None:
             raise verdict.error
         attempt += 1
