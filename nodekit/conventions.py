@@ -142,3 +142,23 @@ def parse_job_ref(text: str) -> JobRef:
         raise UsageError(f"'job:{ref}': the files of {task_id} are kept per node "
                          f"({task_id}/NODE_ID/${kind}); give that folder's URL instead.")
     return JobRef(job_id, task_id, kind, where.strip())
+
+
+def tree(root: str, names: list[str]) -> list[str]:
+    """`names` ('/'-paths) drawn as a tree below `root`, folders first, for people to read."""
+    nested: dict[str, dict] = {}  # type: ignore[type-arg]
+    for name in names:
+        node = nested
+        for part in name.split("/"):
+            node = node.setdefault(part, {})
+    lines = [root.rstrip("/") + "/"]
+
+    def draw(node: dict, indent: str) -> None:  # type: ignore[type-arg]
+        items = sorted(node.items(), key=lambda kv: (not kv[1], kv[0]))
+        for i, (part, child) in enumerate(items):
+            last = i == len(items) - 1
+            lines.append(f"{indent}{'└── ' if last else '├── '}{part}{'/' if child else ''}")
+            draw(child, indent + ("    " if last else "│   "))
+
+    draw(nested, "")
+    return lines

@@ -72,8 +72,8 @@ def test_every_shell_example_runs_as_written(tmp_path: Path) -> None:
     assert list((tmp_path / "kept" / "try-1").glob("tvm-*/logs.tar.gz"))
     demo_out = outputs[next(i for i, c in enumerate(commands) if c.startswith("nodekit demo"))]
     kept_in = Path(re.search(r"^Logs kept in: (.+)$", demo_out, re.M).group(1))  # type: ignore[union-attr]
-    assert kept_in.is_absolute() and kept_in == tmp_path / "demo-run" / "storage"
-    assert sorted(p.name for p in kept_in.glob("JobPrepReleaseSampleJob/*/logs.tar.gz")) == ["logs.tar.gz"] * 2
+    assert kept_in.is_absolute() and kept_in == tmp_path / "demo-run" / "storage" / "job-jobprepreleasesamplejob"
+    assert len(list(kept_in.glob("jobpreparation/tvm-*/$TaskLog/stdout.txt"))) == 2
     assert all(p.name.startswith("nodekit-simulate-") for p in (tmp_path / "tmp").iterdir())  # nothing else left
 
     # every command line the README shows is one a README command prints
