@@ -449,3 +449,64 @@ def test_release_refuses_what_the_layout_cannot_use(tmp_path: Path) -> None:
         assert result.exit_code == 2, (args, result.stderr)
         assert message in result.stderr, (args, result.stderr)
     assert job.node.job_dir.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the generator carries it; simulate shows it
+
+
+def test_cmdline_carries_the_layout_into_both_command_lines_and_the_job(tmp_path: Path) -> None:
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({
+        "nodekit": 1, "job_id": "Stage_2", "pool_id": "pool",
+        "prep": {"sources": ["prev=job:Stage_1@https://acct.blob.core.windows.net",
+                             "frames=job:Stage_1/task007/$TaskOutput@https://acct.blob.core.windows.net"]},
+        "release": {"upload_to": "https://acct.blob.core.windows.net", "layout": "conventions",
+                    "outputs": ["out/*.csv"], "job_outputs": ["results/**"]}}))
+    result = run(["cmdline", "--spec", str(spec), "--format", "job"], {})
+    job = json.loads(result.stdout)
+    prep_line, release_line = job["jobPreparationTask"]["commandLine"], job["jobReleaseTask"]["commandLine"]
+    assert "prev=job:Stage_1@https://acct.blob.core.windows.net" in prep_line
+    assert 'frames=job:Stage_1/task007/\\$TaskOutput@https://acct.blob.core.windows.net' in prep_line
+    assert ("release --upload-to https://acct.blob.core.windows.net" in release_line and
+            "--layout conventions --outputs \"out/*.csv\" --job-outputs \"results/**\"" in release_line)
+    assert f"container {container_name('Stage_2')} of https://acct.blob.core.windows.net" in result.stderr
+    # the same from options, as bare lines; each line splits back into what prep and release parse
+    lines = run(["cmdline", "prev=job:Stage_1@https://acct.blob.core.windows.net", "--job-id", "Stage_2",
+                 "--upload-to", "https://acct.blob.core.windows.net", "--layout", "conventions", "--outputs",
+                 "out/*.csv", "--job-outputs", "results/**"], {}).stdout.splitlines()
+    assert lines[1] == release_line and lines[0] == prep_line.replace(
+        ' "frames=job:Stage_1/task007/\\$TaskOutput@https://acct.blob.core.windows.net"', "")
+    import shlex
+
+    inner = shlex.split(shlex.split(release_line)[2])  # bash -c 'exec "…/nodekit" release …'
+    assert inner[2:] == ["release", "--upload-to", "https://acct.blob.core.windows.net", "--deadline", "720",
+                         "--layout", "conventions", "--outputs", "out/*.csv", "--job-outputs", "results/**"]
+    # what cannot work is refused before anything is printed
+    for args, message in (
+            (["--upload-to", "https://acct.blob.core.windows.net"], "names a storage account but no container"),
+            (["--upload-to", "https://acct.blob.core.windows.net/logs", "--outputs", "*.csv"],
+             "need --layout conventions"),
+            (["--upload-to", "https://acct.blob.core.windows.net?sv=2024&sig=abc", "--layout", "conventions"],
+             "a SAS token")):
+        bad = run(["cmdline", "builtin:sample", "--job-id", "j", *args], {}, ok=False)
+        assert bad.exit_code in (2, 6) and message in bad.stderr and bad.stdout == "", (args, bad.stderr)
+    bad = run(["cmdline", "prev=job:j@https://acct.blob.core.windows.net?sv=2024&sig=abc", "--job-id", "j",
+               "--upload-to", "/mnt/kept"], {}, ok=False)
+    assert bad.exit_code == 6 and "a SAS token" in bad.stderr and "abc" not in bad.stderr
+
+
+def test_simulate_shows_each_nodes_tree_in_the_layout(tmp_path: Path) -> None:
+    kept = tmp_path / "kept"
+    job_json = tmp_path / "job-add.json"
+    job_json.write_text(run(["cmdline", "builtin:sample", "--job-id", "sim-conv", "--pool-id", "local",
+                             "--upload-to", str(kept), "--layout", "conventions", "--outputs", "frame.txt",
+                             "--format", "job"], {}).stdout)
+    result = run(["simulate", str(job_json), "--nodes", "2", "--task-count", "4", "--root", str(tmp_path / "pool"),
+                  "--task-command", "/bin/bash -c 'echo $AZ_BATCH_TASK_ID > frame.txt'"], {})
+    folder = kept / "job-sim-conv"
+    stored = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert {f"task00{i}/$TaskOutput/frame.txt" for i in range(1, 5)} <= set(stored)
+    assert result.stdout.count(f"objects in {folder} (conventions layout)") == 2
+    assert f"    {folder}/" in result.stdout.splitlines()
+    assert "    └── task004/" in result.stdout.splitlines() or "    ├── task004/" in result.stdout.splitlines()
