@@ -8,8 +8,16 @@ in the manifest as soon as it is; a re-run skips what the manifest and storage a
 writes nothing when nothing is new. A file that cannot be read (permissions, vanished, not a
 regular file) is skipped on its own and named in the log and the report; everything else is kept.
 Nothing is wiped unless everything that was to be kept is kept, unless `wipe_on_upload_failure`
-says the retention policy comes first. A local destination must lie outside everything the wipe
-deletes. Safe to run again after an interruption at any point.
+says the retention policy comes first.
+
+Two layouts in storage: nodekit's (`JOB_ID/NODE_ID/`: `logs.tar.gz`, `dumps/…/<path>.gz`,
+`manifest.json`) and the Batch File Conventions standard's (`layout="conventions"`: every log, dump,
+task output and job output its own object in the job's container, named by `conventions`; see
+`conventions_name` and `_Conventions`), where objects are only ever created, never replaced, and other
+content found under a name is a conflict (ExitCode.CONFLICT) with this node's copy kept beside it.
+
+A local destination must lie outside everything the wipe deletes. Safe to run again after an
+interruption at any point.
 Raises NodekitError subclasses; `ReleaseResult.exit_code` says how a completed run went.
 """
 
