@@ -16,6 +16,37 @@ from nodekit.errors import AccessDenied, LocalIOError, NotFound, UnsafeInput
 from nodekit.names import PARTIAL_SUFFIX, unsafe_reason
 from nodekit.storage import CHUNK, ObjectExists, RemoteFile, Sink, SourceChanged, hand_over
 
+_HOST = os.uname().nodename.replace("/", "_") if hasattr(os, "uname") else "host"
+
+
+def _sweep_partials(path: Path) -> None:
+    """Remove the create-only temporary files of `path` that a process of this host, now gone, left."""
+    head = f".{path.name}.{_HOST}."
+    try:
+        siblings = [e.name for e in os.scandir(path.parent) if e.name.startswith(head)]
+    except OSError:
+        return  # no folder yet: nothing left behind
+    for sibling in siblings:
+        pid, _, rest = sibling[len(head):].partition(".")
+        if not pid.isdigit() or not rest.endswith(PARTIAL_SUFFIX) or _alive(int(pid)):
+            continue
+        try:
+            os.unlink(path.parent / sibling)
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # another user's process, or a platform that cannot say: leave it
+    return True
+
 
 def _identity(st: os.stat_result) -> tuple[str, str]:
     etag = f"{st.st_mtime_ns:x}-{st.st_size:x}"
@@ -136,11 +167,14 @@ class LocalStore:
 
         `create_only` puts the file in place with a hard link, which the file system refuses when the
         name exists (also one created meanwhile): ObjectExists, nothing written. Its temporary name is
-        its own (two writers of one name, such as two nodes sharing the folder, never share one); a
-        run killed mid-write leaves it behind, where the plain put's fixed name is reused by the next run.
+        its own (host, process, token: two writers of one name, such as two nodes sharing the folder,
+        never share one); what a killed writer on this host left is removed by the next writer of the name.
         """
         path = self._target(name)
-        tag = f".{secrets.token_hex(4)}" if create_only else ""
+        tag = ""
+        if create_only:
+            tag = f".{_HOST}.{os.getpid()}.{secrets.token_hex(4)}"
+            _sweep_partials(path)
         tmp = path.with_name(f".{path.name}{tag}{PARTIAL_SUFFIX}")
         digest = hashlib.md5()
         size = 0
