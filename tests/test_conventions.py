@@ -510,3 +510,76 @@ def test_simulate_shows_each_nodes_tree_in_the_layout(tmp_path: Path) -> None:
     assert result.stdout.count(f"objects in {folder} (conventions layout)") == 2
     assert f"    {folder}/" in result.stdout.splitlines()
     assert "    └── task004/" in result.stdout.splitlines() or "    ├── task004/" in result.stdout.splitlines()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# killed at random moments
+
+
+@pytest.mark.parametrize("kind", ["local", "azurite"])
+def test_release_in_the_layout_killed_at_random_moments_then_run_again(kind: str, tmp_path: Path,
+                                                                     request: pytest.FixtureRequest) -> None:
+    """SIGKILL at a random moment, then the run Batch would start after the reboot: exit 0, no conflict with the
+    killed run's own objects (committed but not yet in its manifest), the same objects and manifest, byte for byte,
+    as an uninterrupted run, and no temporary file left in a folder."""
+    import random
+    import shutil
+    import signal
+    import time
+
+    from conftest import BlobRemote, LocalRemote
+    from test_kills import _release_env, _template
+    from test_release import _objects
+
+    template = tmp_path / "template"
+    _template(template)
+
+    def destination(i: int) -> Any:
+        if kind == "local":
+            return LocalRemote(tmp_path / f"dest-{i}")
+        return BlobRemote(request.getfixturevalue("azurite"))  # a container of its own, given as the container
+
+    def argv(dest: Any) -> list[str]:
+        return [sys.executable, "-m", "nodekit", "release", "--upload-to", dest.url, "--layout", "conventions",
+                "--logs", "**/*.log", "--outputs", "logs/*.log", "--wipe-task-dirs", "--deadline", "5m"]
+
+    prefix = "job-job-1/" if kind == "local" else ""  # a folder holds the job's container folder
+    manifest = "jobrelease/tvm-1/$TaskLog/nodekit-manifest.json"
+
+    def stored(dest: Any) -> dict[str, Any]:
+        """The objects, the manifest decoded but for the container's name (a new one per attempt)."""
+        objects: dict[str, Any] = _objects(dest, prefix)
+        objects[manifest] = {k: v for k, v in json.loads(objects[manifest]).items() if k != "container"}
+        return objects
+    ref = destination(-1)
+    ref_node = tmp_path / "ref-node"
+    shutil.copytree(template, ref_node, symlinks=True)
+    began = time.monotonic()
+    done = subprocess.run(argv(ref), env=_release_env(ref_node, ref), cwd=ROOT, capture_output=True, text=True)
+    window = time.monotonic() - began
+    assert done.returncode == 0, done.stderr
+    expected = stored(ref)
+    assert "task002/$TaskLog/core.gz" in expected and expected[manifest]["complete"] is True
+
+    rng = random.Random(17)
+    killed = 0
+    for i in range(6):
+        node = tmp_path / f"node-{i}"
+        shutil.copytree(template, node, symlinks=True)
+        dest = destination(i)
+        env = _release_env(node, dest)
+        proc = subprocess.Popen(argv(dest), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 0.95) * window)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            killed += 1
+        proc.wait()
+        again = subprocess.run(argv(dest), env=env, cwd=ROOT, capture_output=True, text=True)
+        assert again.returncode == 0, f"attempt {i}: {again.stderr}"
+        assert "conflict" not in again.stderr, f"attempt {i}: {again.stderr}"
+        assert stored(dest) == expected, f"attempt {i}"
+        if isinstance(dest, LocalRemote):
+            assert not [p for p in dest.root.rglob("*") if p.name.endswith(".nodekit-partial")], f"attempt {i}"
+        shutil.rmtree(node)
+    print(f"release, conventions layout ({kind}): {killed} of 6 runs killed; every re-run ended with the same objects")
+    assert killed >= 3
