@@ -291,17 +291,24 @@ def prep_command(sources: tuple[str, ...], spec_path: str | None, include: tuple
     echo(result.summary())
 
 
-def release_layout_options(fn: F) -> F:
-    """--layout, --outputs and --job-outputs: release's, and cmdline's to pass on."""
+def release_layout_options(envvar: bool) -> Callable[[F], F]:
+    """--layout, --outputs and --job-outputs: release's (`envvar`: NODEKIT_LAYOUT), and cmdline's to pass on."""
+
+    def decorate(fn: F) -> F:
+        return _layout_options(fn, "NODEKIT_LAYOUT" if envvar else None)
+    return decorate
+
+
+def _layout_options(fn: F, layout_envvar: str | None) -> F:
     fn = option("--job-outputs", multiple=True, callback=_globs, metavar="GLOB",
                 help="(conventions) Keep files matching GLOB in the job's shared folder as the job's output, "
                      "$JobOutput/<path>, once per job (repeatable).")(fn)
     fn = option("--outputs", multiple=True, callback=_globs, metavar="GLOB",
                 help="(conventions) Keep files matching GLOB in the tasks' working folders as task output, "
                      "<task>/$TaskOutput/<path> (repeatable).")(fn)
-    fn = option("--layout", type=click.Choice(LAYOUTS), envvar="NODEKIT_LAYOUT",
+    fn = option("--layout", type=click.Choice(LAYOUTS), envvar=layout_envvar,
                 help="nodekit (default): JOB_ID/NODE_ID/{logs.tar.gz,dumps/,manifest.json}; conventions: the "
-                     "Batch File Conventions layout that the Azure portal and Batch Explorer read (the job's "
+                     "Batch File Conventions layout that Batch Explorer and the Conventions library read (the job's "
                      "container, <task>/$TaskLog/, <task>/$TaskOutput/, $JobOutput/).")(fn)
     return fn
 
@@ -332,7 +339,7 @@ def release_layout_options(fn: F) -> F:
 @option("--node-id", metavar="ID", help="Node id for a local run (default: $AZ_BATCH_NODE_ID).")
 @option("--root-dir", metavar="DIR", type=click.Path(file_okay=False),
               help="Node root folder for a local run (default: $AZ_BATCH_NODE_ROOT_DIR).")
-@release_layout_options
+@release_layout_options(envvar=True)
 @local_run_options
 def release_command(upload_to: SourceSpec | None, spec_path: str | None, logs: tuple[str, ...], dumps: tuple[str, ...],
                     deadline: float | None, wipe_on_upload_failure: bool | None, wipe_task_dirs: bool | None,
@@ -421,7 +428,7 @@ def release_command(upload_to: SourceSpec | None, spec_path: str | None, logs: t
               help="retentionTime of both tasks' folders (Batch's default: 7 days).")
 @option("--env", "env_pairs", multiple=True, metavar="NAME=VALUE",
               help="An environment setting of both tasks (never a secret: the job is readable).")
-@release_layout_options
+@release_layout_options(envvar=False)
 def cmdline_command(sources: tuple[str, ...], spec_path: str | None, target_os: str, fmt: str,
                     job_id: str | None, pool_id: str | None, upload_to: SourceSpec | None, include: tuple[str, ...],
                     exclude: tuple[str, ...], timeout: float | None, logs: tuple[str, ...], dumps: tuple[str, ...],

@@ -2,8 +2,9 @@
 
 Pure: names in, names out; nothing here touches storage or the disk.
 
-The standard (Microsoft.Azure.Batch.Conventions.Files, whose layout the Azure portal and Batch
-Explorer list for a job and its tasks) keeps every file of a job in **one container named after the
+The standard (Microsoft.Azure.Batch.Conventions.Files, whose layout Batch Explorer lists for a
+task: `<taskId>/$TaskOutput` and `<taskId>/$TaskLog` of the job's container in the Batch account's
+linked storage account) keeps every file of a job in **one container named after the
 job** (`container_name`), task files under `<taskId>/$<Kind>/<path>` and job files under
 `$<Kind>/<path>`. Read in the reference implementation, Azure/azure-sdk-for-net:
 

@@ -351,7 +351,8 @@ def test_a_conflicting_job_output_is_reported_not_overwritten(azurite: Azurite, 
         "stored_md5": _md5(b"node one's numbers\n"), "stored_size": 19}]
     assert rep["exit_code"] == 10 and not b.node.job_dir.exists()  # everything kept, so wiped
 
-    # run again (the job folder is gone; the manifest vouches for both): nothing written, the same exit code?
+    # run again (as after a reboot): the job folder is gone and the manifest vouches for the copy kept beside, so
+    # nothing is written; exit 0, since only the run that met the conflict can see it
     run(_release_args(azurite.endpoint, tmp_path / "b.json"), b.env(**conn))
     assert report(tmp_path / "b.json")["uploaded"] == []
 
