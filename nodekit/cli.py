@@ -25,14 +25,15 @@ from nodekit.errors import ExitCode, NodekitError
 from nodekit.names import check_globs
 from nodekit.redact import ScrubFilter, printable, scrub
 from nodekit.spec import (
+    LAYOUTS,
     MD5_POLICIES,
     PrepSettings,
     SourceSpec,
     Spec,
     load_spec,
     parse_budget,
+    parse_destination,
     parse_duration,
-    parse_source,
     sources_from_args,
 )
 
@@ -186,11 +187,12 @@ def _budget(ctx: click.Context, param: click.Parameter, value: str | None) -> st
 
 
 def _destination(ctx: click.Context, param: click.Parameter, value: str | None) -> SourceSpec | None:
-    """--upload-to: a blob container URL or a folder, parsed before anything happens."""
+    """--upload-to: a blob container URL, a storage account's URL (conventions layout) or a folder,
+    parsed before anything happens."""
     if value is None:
         return None
     try:
-        return parse_source(value, name="upload")
+        return parse_destination(value)
     except NodekitError as err:
         raise click.BadParameter(str(err)) from None
 
@@ -292,9 +294,32 @@ def prep_command(sources: tuple[str, ...], spec_path: str | None, include: tuple
     echo(result.summary())
 
 
+def release_layout_options(envvar: bool) -> Callable[[F], F]:
+    """--layout, --outputs and --job-outputs: release's (`envvar`: NODEKIT_LAYOUT), and cmdline's to pass on."""
+
+    def decorate(fn: F) -> F:
+        return _layout_options(fn, "NODEKIT_LAYOUT" if envvar else None)
+    return decorate
+
+
+def _layout_options(fn: F, layout_envvar: str | None) -> F:
+    fn = option("--job-outputs", multiple=True, callback=_globs, metavar="GLOB",
+                help="(conventions) Keep files matching GLOB in the job's shared folder as the job's output, "
+                     "$JobOutput/<path>, once per job (repeatable).")(fn)
+    fn = option("--outputs", multiple=True, callback=_globs, metavar="GLOB",
+                help="(conventions) Keep files matching GLOB in the tasks' working folders as task output, "
+                     "<task>/$TaskOutput/<path> (repeatable).")(fn)
+    fn = option("--layout", type=click.Choice(LAYOUTS), envvar=layout_envvar,
+                help="nodekit (default): JOB_ID/NODE_ID/{logs.tar.gz,dumps/,manifest.json}; conventions: the "
+                     "Batch File Conventions layout that Batch Explorer and the Conventions library read (the job's "
+                     "container, <task>/$TaskLog/, <task>/$TaskOutput/, $JobOutput/).")(fn)
+    return fn
+
+
 @cli.command("release")
 @option("--upload-to", metavar="URL", callback=_destination, envvar="NODEKIT_UPLOAD_TO",
-              help="Blob container URL (or a folder) to keep the logs and dumps in, under JOB_ID/NODE_ID/.")
+              help="Blob container URL (or a folder) to keep the logs and dumps in, under JOB_ID/NODE_ID/; with "
+                   "--layout conventions, the storage account's URL (the job's container is named for it).")
 @option("--spec", "spec_path", type=click.Path(dir_okay=False), envvar="NODEKIT_SPEC",
               help="Description file (JSON); its release section supplies what the command line does not.")
 @option("--logs", multiple=True, callback=_globs, metavar="GLOB",
@@ -317,17 +342,20 @@ def prep_command(sources: tuple[str, ...], spec_path: str | None, include: tuple
 @option("--node-id", metavar="ID", help="Node id for a local run (default: $AZ_BATCH_NODE_ID).")
 @option("--root-dir", metavar="DIR", type=click.Path(file_okay=False),
               help="Node root folder for a local run (default: $AZ_BATCH_NODE_ROOT_DIR).")
+@release_layout_options(envvar=True)
 @local_run_options
 def release_command(upload_to: SourceSpec | None, spec_path: str | None, logs: tuple[str, ...], dumps: tuple[str, ...],
                     deadline: float | None, wipe_on_upload_failure: bool | None, wipe_task_dirs: bool | None,
                     purge_cache: bool | None, dry_run: bool, report_path: Path | None,
                     identity_client_id: str | None, node_id: str | None, root_dir: str | None,
+                    layout: str | None, outputs: tuple[str, ...], job_outputs: tuple[str, ...],
                     shared_dir: str | None, job_id: str | None) -> None:
     """Keep the job's logs and crash dumps in blob storage, then wipe the job's data from the node.
 
     Uploads a logs archive and each dump (compressed) to URL/JOB_ID/NODE_ID/ with a manifest,
     verifies them, then deletes SHARED_DIR/JOB_ID (and, with --wipe-task-dirs, the tasks'
-    working folders). If the upload fails nothing is wiped. Safe to run again.
+    working folders). With --layout conventions, each log, output and dump is its own object in
+    the Batch File Conventions layout instead. If the upload fails nothing is wiped. Safe to run again.
     """
     from nodekit.release import DEFAULT_DEADLINE_S, DEFAULT_DUMPS, ReleaseOptions, run_release
 
@@ -347,6 +375,9 @@ def release_command(upload_to: SourceSpec | None, spec_path: str | None, logs: t
         purge_cache=bool(purge_cache if purge_cache is not None else rs.purge_cache),
         dry_run=dry_run,
         report_path=report_path,
+        layout=layout or rs.layout or "nodekit",
+        outputs=outputs or rs.outputs,
+        job_outputs=job_outputs or rs.job_outputs,
     )
     env = BatchEnv.from_environ(os.environ).with_overrides(
         shared_dir=shared_dir, job_id=job_id or spec.job_id, node_id=node_id, root_dir=root_dir)
@@ -401,6 +432,7 @@ def release_command(upload_to: SourceSpec | None, spec_path: str | None, logs: t
               help="retentionTime of both tasks' folders (Batch's default: 7 days).")
 @option("--env", "env_pairs", multiple=True, metavar="NAME=VALUE",
               help="An environment setting of both tasks (never a secret: the job is readable).")
+@release_layout_options(envvar=False)
 def cmdline_command(sources: tuple[str, ...], spec_path: str | None, target_os: str, fmt: str,
                     job_id: str | None, pool_id: str | None, upload_to: SourceSpec | None, include: tuple[str, ...],
                     exclude: tuple[str, ...], timeout: float | None, logs: tuple[str, ...], dumps: tuple[str, ...],
@@ -409,7 +441,8 @@ def cmdline_command(sources: tuple[str, ...], spec_path: str | None, target_os: 
                     cache_max_size: str | None, md5: str | None,
                     identity_client_id: str | None, install: str | None, wheel_url: str | None,
                     template_path: str | None, prep_retries: int, release_max_wall_clock: float | None,
-                    retention: float | None, env_pairs: tuple[str, ...]) -> None:
+                    retention: float | None, env_pairs: tuple[str, ...], layout: str | None,
+                    outputs: tuple[str, ...], job_outputs: tuple[str, ...]) -> None:
     """Print the preparation and release command lines, the job JSON or the pool start task.
 
     From one description (--spec, or the same settings as options), so that what prep
@@ -423,6 +456,7 @@ def cmdline_command(sources: tuple[str, ...], spec_path: str | None, target_os: 
         Description,
         command_lines,
         job_json,
+        kept_where,
         read_template,
         start_task,
     )
@@ -438,7 +472,8 @@ def cmdline_command(sources: tuple[str, ...], spec_path: str | None, target_os: 
         wipe_task_dirs=wipe_task_dirs if wipe_task_dirs is not None else rs.wipe_task_dirs,
         wipe_on_upload_failure=(wipe_on_upload_failure if wipe_on_upload_failure is not None
                                 else rs.wipe_on_upload_failure),
-        purge_cache=purge_cache if purge_cache is not None else rs.purge_cache)
+        purge_cache=purge_cache if purge_cache is not None else rs.purge_cache,
+        layout=layout or rs.layout, outputs=outputs or rs.outputs, job_outputs=job_outputs or rs.job_outputs)
     pairs = []
     for pair in env_pairs:
         name, sep, value = pair.partition("=")
@@ -480,6 +515,9 @@ def cmdline_command(sources: tuple[str, ...], spec_path: str | None, target_os: 
         venv = VENV_LINUX if target_os == "linux" else VENV_WINDOWS
         click.echo(f"note: prep and release will authenticate with {how}; nodekit runs from {venv}, "
                    "which --format start-task installs.", err=True)
+        where = kept_where(desc)
+        if where:
+            click.echo(f"note: release keeps the job's files in {where}.", err=True)
 
 
 @cli.command("simulate")

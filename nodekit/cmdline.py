@@ -30,8 +30,9 @@ from typing import Any
 
 from nodekit import __version__
 from nodekit.batchenv import check_job_id
+from nodekit.conventions import container_name
 from nodekit.errors import UnsafeInput, UsageError
-from nodekit.spec import ReleaseSettings, SourceKind, SourceSpec, split_named
+from nodekit.spec import ReleaseSettings, SourceKind, SourceSpec, is_account, split_named
 
 # Where the start task installs nodekit. A dot cannot occur in a Batch job id, so no job
 # folder (SHARED/JOB_ID) can ever be this folder, and release can never wipe it.
@@ -120,6 +121,13 @@ def check(desc: Description) -> None:
     if desc.release.upload_to.kind is SourceKind.URL:
         raise UsageError(f"--upload-to {desc.release.upload_to.display}: give a blob container URL or a folder.")
     dest = desc.release.upload_to
+    conventions = desc.release.layout == "conventions"
+    if not conventions and (desc.release.outputs or desc.release.job_outputs):
+        raise UsageError("--outputs and --job-outputs need --layout conventions: nodekit's own layout keeps logs "
+                         "and dumps only.")
+    if not conventions and is_account(dest):
+        raise UsageError(f"--upload-to {dest.display} names a storage account but no container: give "
+                         ".../CONTAINER, or --layout conventions.")
     if dest.kind is SourceKind.LOCAL and dest.path is not None and not (
             PureWindowsPath(dest.path).is_absolute() if desc.os == "windows" else dest.path.startswith(("/", "~"))):
         raise UsageError(f"--upload-to {dest.path}: a local destination must be an absolute path (a relative one "
@@ -212,9 +220,28 @@ def release_args(desc: Description) -> list[str]:
         args.append("--wipe-on-upload-failure")
     if r.purge_cache:
         args.append("--purge-cache")
+    if r.layout == "conventions":
+        args += ["--layout", "conventions"]
+        for g in r.outputs:
+            args += ["--outputs", g]
+        for g in r.job_outputs:
+            args += ["--job-outputs", g]
     if desc.identity_client_id:
         args += ["--identity-client-id", desc.identity_client_id]
     return args
+
+
+def kept_where(desc: Description) -> str | None:
+    """Where release will keep the job's files in the conventions layout (for a note), else None."""
+    dest = desc.release.upload_to
+    if desc.release.layout != "conventions" or dest is None:
+        return None
+    name = container_name(desc.job_id)
+    if is_account(dest):
+        return f"container {name} of {dest.display} (the Batch File Conventions layout)"
+    if dest.kind is SourceKind.LOCAL:
+        return f"{dest.display}/{name} (the Batch File Conventions layout)"
+    return f"{dest.display} (the Batch File Conventions layout, in the container given rather than {name})"
 
 
 def linux_line(script: str) -> str:

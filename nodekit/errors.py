@@ -23,6 +23,8 @@ class ExitCode(IntEnum):
     INTEGRITY = 7  # downloaded data did not match its checksum, even after retries
     LOCAL_IO = 8  # the node's disk refused a write (full, read-only, permissions)
     KEPT_ALL = 9  # release: storage failed, so nothing was uploaded and nothing wiped
+    CONFLICT = 10  # release: everything kept (and wiped), but storage held other content under a name it
+    #                wrote (a job output another node kept differently): this node's copy kept beside it
 
 
 class NodekitError(Exception):

@@ -22,6 +22,7 @@ Raises UsageError for a job JSON it cannot run; never touches anything outside `
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -413,12 +414,42 @@ class Simulation:
             th.join()
 
     # -- reporting ----------------------------------------------------------------------------
-    def exit_code_lines(self) -> list[str]:
+    def exit_code_lines(self, trees: bool = True) -> list[str]:
+        """Each node's preparation and release exit codes, and where its release kept what (with `trees`,
+        the conventions layout's objects drawn as a tree)."""
         lines = []
         for node in self.nodes:
             prep = _code(node.prep_result)
             release = _code(node.release_result)
-            lines += [f"{node.id}:", f"  Prep task exit code:    {prep}", f"  Release task exit code: {release}", ""]
+            lines += [f"{node.id}:", f"  Prep task exit code:    {prep}", f"  Release task exit code: {release}",
+                      *self._kept_lines(node, trees), ""]
+        return lines
+
+    def release_report(self, node: Node) -> dict[str, Any] | None:
+        """What `nodekit release` wrote in its default report on `node` (its working folder), if it ran there."""
+        if self.release is None or node.release_result is None:
+            return None
+        path = self.task_dir(node, self.release.id) / "wd" / "nodekit-release.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _kept_lines(self, node: Node, trees: bool) -> list[str]:
+        """Where nodekit's release kept this node's files, as its report says (nothing for other release tasks)."""
+        rep = self.release_report(node)
+        if rep is None or "destination" not in rep:
+            return []
+        names = sorted({o["name"] for o in rep.get("uploaded", []) + rep.get("already_uploaded", [])})
+        layout = rep.get("layout", "nodekit")
+        lines = [f"  Release kept:           {len(names)} objects in {rep['destination']} ({layout} layout)"]
+        if trees and layout == "conventions" and len(names) <= TREE_MAX:  # the standard's tree: task, kind, files
+            from nodekit.conventions import tree
+
+            lines += [f"    {line}" for line in tree(rep["destination"], names)]
+        for c in rep.get("conflicts", []):
+            lines.append(f"    conflict: {c['name']} differs from this node's copy, kept as {c['kept_as']}")
         return lines
 
     def summary(self) -> dict[str, Any]:
@@ -430,6 +461,9 @@ class Simulation:
                        "tasks": n.tasks_done} for n in self.nodes],
             "tasks": [r.as_dict() for r in sorted(self.results, key=lambda r: r.task)],
         }
+
+
+TREE_MAX = 60  # a node's kept objects drawn as a tree up to this many
 
 
 def _code(result: TaskResult | None) -> str:

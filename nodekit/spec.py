@@ -24,6 +24,7 @@ from pathlib import Path, PureWindowsPath
 from typing import Any
 from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
+from nodekit.conventions import is_job_ref, parse_job_ref
 from nodekit.errors import UnsafeInput, UsageError
 from nodekit.names import GlobFilter, check_globs, unsafe_reason
 from nodekit.redact import display_url, register_secret
@@ -195,6 +196,8 @@ def parse_source(
     text = text.strip()
     if not text:
         raise UsageError("a source is empty: give a blob container URL, a https:// URL or a folder.")
+    if is_job_ref(text):
+        return _job_source(text, name=name, kind=kind, filter=filter)
     if kind is not None and kind not in {k.value for k in SourceKind}:
         raise UsageError(f"source kind {kind!r} is not one of blob, url, local.")
     if text.lower() in BUILTIN:
@@ -289,6 +292,69 @@ def _abfs(text: str, parts: SplitResult, name: str | None, kind: str | None, fil
     return _blob_source(text, shown, f"https://{azure[1]}", azure[0], segments, parts.query, name, "blob", filter)
 
 
+def with_path(where: str, *segments: str) -> str:
+    """`where` (a URL, its query kept, or a folder) with `segments` added to its path."""
+    if "://" not in where:
+        return str(Path(where).joinpath(*segments))
+    parts = urlsplit(where)
+    path = "/".join([parts.path.rstrip("/"), *segments])
+    return parts._replace(path=path).geturl()
+
+
+def _job_source(text: str, *, name: str | None, kind: str | None, filter: GlobFilter) -> SourceSpec:
+    """A `job:` source (conventions.parse_job_ref): the standard's container and prefix of an earlier
+    job, at the account or folder it names, parsed as any other source."""
+    ref = parse_job_ref(text)
+    if is_job_ref(ref.where):
+        raise UsageError(f"{display_url(text)!r}: after '@' comes the storage account's URL or a folder.")
+    spec = parse_source(with_path(ref.where, ref.container, *ref.prefix.split("/")), name=name or ref.default_name,
+                        kind=kind, filter=filter)
+    if spec.kind is SourceKind.URL:
+        raise UsageError(f"{display_url(text)!r}: {display_url(ref.where)} is not a storage account's blob URL "
+                         "(https://ACCOUNT.blob.core.windows.net) nor a folder.")
+    return replace(spec, raw=text)
+
+
+# What release's destination is checked with when it names an account: a container that cannot clash.
+_PROBE = "nodekit-account-probe"
+
+
+def parse_destination(text: str) -> SourceSpec:
+    """release's --upload-to: a blob container URL (perhaps with a folder), a local folder, or a storage
+    account's blob URL without a container (`https://ACCOUNT.blob.core.windows.net`), which the
+    conventions layout completes with the job's container: a BLOB SourceSpec whose container is ''.
+
+    A plain file URL is returned as it is (release refuses it with its own message). UsageError or
+    UnsafeInput for anything else wrong; touches nothing.
+    """
+    if is_job_ref(text.strip()):
+        raise UsageError(f"--upload-to {display_url(text)!r}: a job: form is a source for prep; give the storage "
+                         "account's URL (the conventions layout names the container after the job).")
+    try:
+        spec: SourceSpec | None = parse_source(text, name="upload")
+        failure: UsageError | None = None
+    except UsageError as err:
+        spec, failure = None, err
+    if spec is not None and spec.kind is not SourceKind.URL:
+        return spec
+    try:
+        probe = parse_source(with_path(text.strip(), _PROBE), name="upload")
+    except UsageError:
+        probe = None
+    if probe is not None and probe.blob is not None and probe.blob.container == _PROBE and not probe.blob.prefix:
+        return replace(probe, blob=replace(probe.blob, container=""), display=display_url(text.strip()),
+                       raw=text.strip())
+    if spec is not None:
+        return spec
+    assert failure is not None
+    raise failure
+
+
+def is_account(spec: SourceSpec) -> bool:
+    """True for a destination that names a storage account but no container (see parse_destination)."""
+    return spec.kind is SourceKind.BLOB and spec.blob is not None and not spec.blob.container
+
+
 def _finish(spec: SourceSpec, raw: str, kind: str | None) -> SourceSpec:
     spec = replace(spec, raw=raw, kind_given=kind)
     reason = unsafe_reason(spec.name)
@@ -314,6 +380,9 @@ class PrepSettings:
 
 
 MD5_POLICIES = ("all", "source")
+# release's layouts in storage: nodekit's own (JOB/NODE/logs.tar.gz, dumps/, manifest.json) or the
+# Batch File Conventions standard's (the job's container, <task>/$TaskLog/..., $JobOutput/...).
+LAYOUTS = ("nodekit", "conventions")
 
 
 @dataclass(frozen=True)
@@ -327,6 +396,9 @@ class ReleaseSettings:
     wipe_on_upload_failure: bool | None = None
     wipe_task_dirs: bool | None = None
     purge_cache: bool | None = None
+    layout: str | None = None
+    outputs: tuple[str, ...] = ()
+    job_outputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -344,7 +416,7 @@ _PREP_KEYS = {"sources", "include", "exclude", "timeout", "dest", "concurrency",
               "skip_archived"}
 _SOURCE_KEYS = {"url", "name", "kind", "include", "exclude"}
 _RELEASE_KEYS = {"upload_to", "logs", "dumps", "deadline", "wipe_on_upload_failure", "wipe_task_dirs",
-                 "purge_cache"}
+                 "purge_cache", "layout", "outputs", "job_outputs"}
 RELEASE_MAX_DEADLINE_S = 15 * 60.0
 
 
@@ -445,8 +517,14 @@ def _parse_release(data: Any, origin: str) -> ReleaseSettings:
     if upload_to is not None and not isinstance(upload_to, str):
         raise UsageError(f"{origin}: release.upload_to must be a URL or a folder.")
     deadline = data.get("deadline")
+    layout = data.get("layout")
+    if layout is not None and layout not in LAYOUTS:
+        raise UsageError(f"{origin}: release.layout must be \"nodekit\" or \"conventions\".")
     return ReleaseSettings(
-        upload_to=None if upload_to is None else parse_source(upload_to, name="upload"),
+        layout=layout,
+        outputs=_globs(data.get("outputs", []), f"{origin} release.outputs"),
+        job_outputs=_globs(data.get("job_outputs", []), f"{origin} release.job_outputs"),
+        upload_to=None if upload_to is None else parse_destination(upload_to),
         logs=_globs(data.get("logs", []), f"{origin} release.logs"),
         dumps=None if data.get("dumps") is None else _globs(data["dumps"], f"{origin} release.dumps"),
         deadline=None if deadline is None else parse_duration(deadline, what=f"{origin} release.deadline",

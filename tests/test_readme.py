@@ -70,10 +70,13 @@ def test_every_shell_example_runs_as_written(tmp_path: Path) -> None:
     assert all(t["exit_code"] == 0 for t in summary["tasks"]), summary["tasks"]
     assert all(n["release"]["exit_code"] == 0 for n in summary["nodes"] if n["release"]), summary["nodes"]
     assert list((tmp_path / "kept" / "try-1").glob("tvm-*/logs.tar.gz"))
+    conventions = tmp_path / "kept" / "job-try-2"  # the conventions example: the job's container folder
+    assert sorted(p.read_text() for p in conventions.glob("task*/$TaskOutput/frame.txt")) == \
+        ["task001\n", "task002\n", "task003\n"]
     demo_out = outputs[next(i for i, c in enumerate(commands) if c.startswith("nodekit demo"))]
     kept_in = Path(re.search(r"^Logs kept in: (.+)$", demo_out, re.M).group(1))  # type: ignore[union-attr]
-    assert kept_in.is_absolute() and kept_in == tmp_path / "demo-run" / "storage"
-    assert sorted(p.name for p in kept_in.glob("JobPrepReleaseSampleJob/*/logs.tar.gz")) == ["logs.tar.gz"] * 2
+    assert kept_in.is_absolute() and kept_in == tmp_path / "demo-run" / "storage" / "job-jobprepreleasesamplejob"
+    assert len(list(kept_in.glob("jobpreparation/tvm-*/$TaskLog/stdout.txt"))) == 2
     assert all(p.name.startswith("nodekit-simulate-") for p in (tmp_path / "tmp").iterdir())  # nothing else left
 
     # every command line the README shows is one a README command prints

@@ -131,9 +131,10 @@ def test_a_relative_demo_root_keeps_the_logs_where_it_says(tmp_path: Path) -> No
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     kept_in = Path(re.search(r"^Logs kept in: (.+)$", out.stdout, re.M).group(1))  # type: ignore[union-attr]
-    assert kept_in == tmp_path / ".demo" / "storage"
+    assert kept_in == tmp_path / ".demo" / "storage" / "job-jobprepreleasesamplejob"
     nodes = re.findall(r"^(tvm-\d):\n  Prep task exit code:    0$", out.stdout, re.M)
-    assert nodes and sorted(p.parent.name for p in kept_in.glob("JobPrepReleaseSampleJob/*/logs.tar.gz")) == nodes
+    assert nodes and sorted(p.parent.parent.name for p in kept_in.glob("jobpreparation/*/$TaskLog/stdout.txt")) == \
+        nodes
 
 
 def test_a_wipe_the_disk_refuses_is_exit_8_after_everything_was_kept(batch_node: BatchNode, tmp_path: Path) -> None:

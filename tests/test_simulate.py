@@ -143,8 +143,7 @@ def test_demo(tmp_path: Path) -> None:
     assert "Job data left in the nodes' shared folders: none" in result.stdout
     for node in ("tvm-1", "tvm-2"):
         assert not (tmp_path / "demo" / "nodes" / node / "shared" / "JobPrepReleaseSampleJob").exists()
-    for node in blocks:
-        assert (tmp_path / "demo" / "storage" / "JobPrepReleaseSampleJob" / node / "logs.tar.gz").exists()
+    _kept_in_the_layout(result.stdout, tmp_path / "demo" / "storage" / "job-jobprepreleasesamplejob", blocks)
     again = run(["demo", "--root", str(tmp_path / "demo")], {}, ok=False)
     assert again.exit_code == 2 and "is not empty" in again.stderr
 
@@ -156,9 +155,26 @@ def test_demo_against_azurite(tmp_path: Path, azurite: Azurite) -> None:
     from azure.storage.blob import BlobServiceClient
 
     client = BlobServiceClient.from_connection_string(azurite.connection_string).get_container_client(
-        "nodekit-demo-logs")
+        "job-jobprepreleasesamplejob")  # the Batch File Conventions container of the sample's job id
     names = {b.name for b in client.list_blobs()}
-    assert {f"JobPrepReleaseSampleJob/{n}/logs.tar.gz" for n in blocks} <= names
+    assert names == _layout(blocks)
+    assert client.download_blob("task001/$TaskOutput/frame.txt").readall().startswith(b"frame of task001")
+    assert f"Logs kept in: {azurite.endpoint}/job-jobprepreleasesamplejob" in result.stdout
+
+
+def _layout(blocks: dict[str, list[str]]) -> set[str]:
+    """What the demo's release keeps: every task's logs and frame, the job's results, each node's prep logs."""
+    tasks = [f"task{i:03d}" for i in range(1, 9)]
+    return ({f"{t}/$TaskLog/{f}" for t in tasks for f in ("stdout.txt", "stderr.txt")} |
+            {f"{t}/$TaskOutput/frame.txt" for t in tasks} | {f"$JobOutput/results/{t}.txt" for t in tasks} |
+            {f"jobpreparation/{n}/$TaskLog/{f}" for n in blocks for f in ("stdout.txt", "stderr.txt")} |
+            {f"jobrelease/{n}/$TaskLog/nodekit-manifest.json" for n in blocks})
+
+
+def _kept_in_the_layout(stdout: str, folder: Path, blocks: dict[str, list[str]]) -> None:
+    assert f"Logs kept in: {folder}" in stdout.splitlines()
+    assert {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} == _layout(blocks)
+    assert f"{folder}/" in stdout.splitlines() and "├── $JobOutput/" in stdout.splitlines()  # the tree is shown
 
 
 def test_a_task_taken_by_a_node_whose_preparation_failed_goes_to_another_node(tmp_path: Path) -> None:

@@ -25,6 +25,11 @@ A `WritableStore` (a container or a local folder given to release) also:
 - `read_small(name)` returns a small object's bytes, or None if it is absent;
 - `put(name, chunks)` writes the chunks as one object, replacing an object of that name,
   never visible half-written; it stores the MD5 of the whole (Content-MD5) and returns it.
+  `content_type` is the object's Content-Type (a folder keeps none). With `create_only` it
+  never replaces anything: when an object of that name exists (also one that another writer
+  created while this one was uploading) nothing is written and it raises ObjectExists, which
+  carries the size and MD5 of what was to be written. Two writers of one name never mix their
+  bytes: each one's blocks are its own.
 Stores are safe to use from many threads at once.
 """
 
@@ -60,6 +65,19 @@ class RemoteFile:
 
 class SourceChanged(TransientError):
     """The file changed at the source while it was being read."""
+
+
+class ObjectExists(Exception):
+    """`put(..., create_only=True)` found an object of that name: nothing was written.
+
+    `written` is what would have been written (its size and Content-MD5), to compare with what
+    storage holds. Not a NodekitError: the caller decides (same content, or a conflict).
+    """
+
+    def __init__(self, name: str, written: RemoteFile) -> None:
+        super().__init__(f"{name} exists")
+        self.name = name
+        self.written = written
 
 
 @dataclass
@@ -145,4 +163,5 @@ class WritableStore(Protocol):
 
     def read_small(self, name: str) -> bytes | None: ...
 
-    def put(self, name: str, chunks: Iterable[bytes], *, metadata: dict[str, str] | None = None) -> RemoteFile: ...
+    def put(self, name: str, chunks: Iterable[bytes], *, metadata: dict[str, str] | None = None,
+            content_type: str | None = None, create_only: bool = False) -> RemoteFile: ...

@@ -31,7 +31,7 @@ from urllib.parse import quote, unquote
 from nodekit.errors import NodekitError, NotFound, SourceError, TransientError
 from nodekit.redact import display_url
 from nodekit.spec import BlobLocation
-from nodekit.storage import RemoteFile, RunContext
+from nodekit.storage import ObjectExists, RemoteFile, RunContext
 from nodekit.storage.auth import Access
 from nodekit.storage.net import API_VERSION, CONNECT_TIMEOUT, NetConfig, user_agent
 from nodekit.storage.retry import Failure, for_exception, for_status, request_ids
@@ -354,12 +354,21 @@ class AzureBlobStore:
         blob = self._container_client().get_blob_client(self._base + name)
         return self._sdk(lambda: blob.download_blob().readall(), f"reading {name}", missing_ok=True)
 
-    def put(self, name: str, chunks: Iterable[bytes], *, metadata: dict[str, str] | None = None) -> RemoteFile:
+    def put(self, name: str, chunks: Iterable[bytes], *, metadata: dict[str, str] | None = None,
+            content_type: str | None = None, create_only: bool = False) -> RemoteFile:
         """Upload `chunks` as blocks (up to 4 in flight, each with its own MD5), then commit them with the
-        MD5 of the whole. Uncommitted blocks of an interrupted upload never become the blob."""
+        MD5 of the whole. Uncommitted blocks of an interrupted upload never become the blob.
+
+        Block ids carry a token of this upload, so two writers of one name (two nodes) never commit
+        each other's blocks. `create_only` commits with If-None-Match: * (the service refuses the
+        commit when the blob exists, also one created meanwhile): ObjectExists, nothing written.
+        """
         import hashlib
+        import secrets
         from concurrent.futures import Future, ThreadPoolExecutor
 
+        from azure.core import MatchConditions
+        from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
         from azure.storage.blob import BlobBlock, ContentSettings
 
         blob = self._container_client().get_blob_client(self._base + name)
@@ -367,12 +376,15 @@ class AzureBlobStore:
         digest = hashlib.md5()
         size = 0
         ids: list[str] = []
+        token = secrets.token_hex(4)  # with the 8-digit index: 16 characters, as every id of a blob must be
         with ThreadPoolExecutor(max_workers=4, thread_name_prefix="nodekit-up") as pool:
             inflight: list[Future[Any]] = []
             for chunk in chunks:
+                if not chunk:
+                    continue  # an empty block is refused; an empty list commits an empty blob
                 digest.update(chunk)
                 size += len(chunk)
-                block_id = base64.b64encode(f"nodekit-{len(ids):08d}".encode()).decode()
+                block_id = base64.b64encode(f"{token}{len(ids):08d}".encode()).decode()
                 ids.append(block_id)
                 inflight.append(pool.submit(self._sdk, lambda b=block_id, c=chunk: blob.stage_block(
                     b, c, validate_content=True), what))
@@ -381,12 +393,27 @@ class AzureBlobStore:
             for f in inflight:
                 f.result()
         md5 = digest.digest()
-        settings = ContentSettings(content_type="application/octet-stream", content_md5=bytearray(md5))
-        result = self._sdk(lambda: blob.commit_block_list([BlobBlock(block_id=i) for i in ids],
-                                                          content_settings=settings, metadata=metadata), what)
+        settings = ContentSettings(content_type=content_type or "application/octet-stream",
+                                   content_md5=bytearray(md5))
+        condition: dict[str, Any] = {"match_condition": MatchConditions.IfMissing} if create_only else {}
+        exists = object()
+
+        def commit() -> Any:
+            try:
+                return blob.commit_block_list([BlobBlock(block_id=i) for i in ids], content_settings=settings,
+                                              metadata=metadata, **condition)
+            except (ResourceExistsError, ResourceModifiedError):
+                if not create_only:
+                    raise
+                return exists  # also a retried commit whose first try was committed: the caller compares MD5s
+
+        result = self._sdk(commit, what)
+        written_md5 = base64.b64encode(md5).decode()
+        if result is exists:
+            raise ObjectExists(name, RemoteFile(name, size, "", "", written_md5))
         modified = result.get("last_modified")
         return RemoteFile(name, size, str(result.get("etag") or "").strip('"'),
-                          format_datetime(modified, usegmt=True) if modified else "", base64.b64encode(md5).decode())
+                          format_datetime(modified, usegmt=True) if modified else "", written_md5)
 
     def create_container(self) -> None:
         """Create the container (already there is fine)."""

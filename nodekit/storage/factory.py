@@ -37,6 +37,8 @@ def open_destination(dest: SourceSpec, creds: CredentialEnv, net: NetConfig, ctx
         return LocalStore(dest.path)
     if dest.kind is SourceKind.URL or dest.blob is None:
         raise UsageError(f"--upload-to {dest.display}: give a blob container URL or a folder, not a file URL.")
+    if not dest.blob.container:
+        raise UsageError(f"--upload-to {dest.display} names a storage account but no container.")
     from nodekit.storage.auth import resolve
     from nodekit.storage.azure import AzureBlobStore
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import os
+import secrets
 import stat
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
@@ -12,7 +14,38 @@ from pathlib import Path
 
 from nodekit.errors import AccessDenied, LocalIOError, NotFound, UnsafeInput
 from nodekit.names import PARTIAL_SUFFIX, unsafe_reason
-from nodekit.storage import CHUNK, RemoteFile, Sink, SourceChanged, hand_over
+from nodekit.storage import CHUNK, ObjectExists, RemoteFile, Sink, SourceChanged, hand_over
+
+_HOST = os.uname().nodename.replace("/", "_") if hasattr(os, "uname") else "host"
+
+
+def _sweep_partials(path: Path) -> None:
+    """Remove the create-only temporary files of `path` that a process of this host, now gone, left."""
+    head = f".{path.name}.{_HOST}."
+    try:
+        siblings = [e.name for e in os.scandir(path.parent) if e.name.startswith(head)]
+    except OSError:
+        return  # no folder yet: nothing left behind
+    for sibling in siblings:
+        pid, _, rest = sibling[len(head):].partition(".")
+        if not pid.isdigit() or not rest.endswith(PARTIAL_SUFFIX) or _alive(int(pid)):
+            continue
+        try:
+            os.unlink(path.parent / sibling)
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # another user's process, or a platform that cannot say: leave it
+    return True
 
 
 def _identity(st: os.stat_result) -> tuple[str, str]:
@@ -128,10 +161,21 @@ class LocalStore:
         except OSError as err:
             raise LocalIOError(f"reading {self.root / name} failed: {err.strerror}.") from err
 
-    def put(self, name: str, chunks: Iterable[bytes], *, metadata: dict[str, str] | None = None) -> RemoteFile:
-        """Write through a temporary name and rename; metadata is not kept by a folder."""
+    def put(self, name: str, chunks: Iterable[bytes], *, metadata: dict[str, str] | None = None,
+            content_type: str | None = None, create_only: bool = False) -> RemoteFile:
+        """Write through a temporary name and rename; metadata and content type are not kept by a folder.
+
+        `create_only` puts the file in place with a hard link, which the file system refuses when the
+        name exists (also one created meanwhile): ObjectExists, nothing written. Its temporary name is
+        its own (host, process, token: two writers of one name, such as two nodes sharing the folder,
+        never share one); what a killed writer on this host left is removed by the next writer of the name.
+        """
         path = self._target(name)
-        tmp = path.with_name("." + path.name + PARTIAL_SUFFIX)
+        tag = ""
+        if create_only:
+            tag = f".{_HOST}.{os.getpid()}.{secrets.token_hex(4)}"
+            _sweep_partials(path)
+        tmp = path.with_name(f".{path.name}{tag}{PARTIAL_SUFFIX}")
         digest = hashlib.md5()
         size = 0
         try:
@@ -141,7 +185,22 @@ class LocalStore:
                     fh.write(chunk)
                     digest.update(chunk)
                     size += len(chunk)
-            os.replace(tmp, path)
+            if create_only:
+                written = RemoteFile(name, size, "", "", base64.b64encode(digest.digest()).decode())
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise ObjectExists(name, written) from None
+                except OSError as err:
+                    if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
+                        raise
+                    if os.path.lexists(path):  # no hard links here: an existence check, then the rename
+                        raise ObjectExists(name, written) from None
+                    os.replace(tmp, path)
+                else:
+                    os.unlink(tmp)
+            else:
+                os.replace(tmp, path)
         except OSError as err:
             try:
                 os.unlink(tmp)
