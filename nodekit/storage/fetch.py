@@ -41,7 +41,12 @@ MAX_REDIRECTS = 5
 
 
 class Body(Protocol):
-    """Where a Get's bytes go, in order. `rewind` means: forget what you got, it comes again from the start."""
+    """Where a Get's bytes go, in order. `rewind` means: forget what you got, it comes again from the start.
+
+    A Body with a `file` attribute (a binary file positioned where the bytes go) has libcurl write into
+    that file directly, with no Python call of nodekit's per piece (large ranges: 64K pieces a GiB);
+    `settle()` then flushes it and returns the position reached (the Get's `pos`).
+    """
 
     def begin(self) -> None: ...
 
@@ -77,6 +82,7 @@ class Get:
     client_id: str = ""
     began: bool = False
     error: NodekitError | None = None  # raised by the Body: ends the Get with it
+    refused: int | None = None  # a file-mode Get's status that its header check stopped (no body was written)
     last_failure: str = ""
 
     def __post_init__(self) -> None:
@@ -158,10 +164,44 @@ class CurlEngine:
                 get.error = NodekitError(f"unexpected {type(err).__name__} while writing: {err}")
             return 0  # tells libcurl to stop this transfer
 
-        c.setopt(pc.WRITEFUNCTION, write)
-        c.setopt(pc.HEADERFUNCTION, lines.append)
+        file = getattr(get.body, "file", None)
+        if file is not None:
+            self._file_mode(c, get, lines, file)
+        else:
+            c.setopt(pc.MAXFILESIZE_LARGE, 0)
+            c.setopt(pc.WRITEFUNCTION, write)
+            c.setopt(pc.HEADERFUNCTION, lines.append)
         self.multi.add_handle(c)
         self._active[c] = (get, lines)
+
+    def _file_mode(self, c: Any, get: Get, lines: list[bytes], file: Any) -> None:
+        """libcurl writes the body into `file`; the head is checked first, so that only the body that was
+        asked for (206 from `pos`, or 200 for a whole object) ever reaches it, and never more than asked."""
+        pc = self.pycurl
+        want = 206 if (get.ranged or get.pos > get.start) else 200
+        get.refused = None
+
+        def header(line: bytes) -> int | None:
+            lines.append(line)
+            if line.startswith(b"HTTP/"):
+                get.status = _status([line])
+            elif line in (b"\r\n", b"\n"):  # the end of a head
+                if get.follow and get.status is not None and 300 <= get.status < 400:
+                    return None  # a redirect that libcurl follows
+                if get.status != want:
+                    get.refused = get.status or 0
+                    return 0  # stops the transfer before any byte of this body is written
+            elif want == 206 and line[:14].lower() == b"content-range:":
+                first = line.split(b" ", 2)[-1].split(b"-", 1)[0].strip()
+                if first != str(get.pos).encode():
+                    get.refused = get.status or 0
+                    get.error = TransientError(f"{get.what}: the server answered another range; run again.")
+                    return 0
+            return None
+
+        c.setopt(pc.MAXFILESIZE_LARGE, get.end - get.pos)
+        c.setopt(pc.HEADERFUNCTION, header)
+        c.setopt(pc.WRITEDATA, file)
 
     # -- the loop --------------------------------------------------------------------------------
     def add(self, get: Get, delay: float = 0.0) -> None:
@@ -255,6 +295,15 @@ class CurlEngine:
         get, lines = self._active.pop(c)
         self.multi.remove_handle(c)
         self._free.append(c)
+        if getattr(get.body, "file", None) is not None:
+            try:
+                get.pos = get.body.settle()  # type: ignore[attr-defined]
+            except OSError as err:
+                from nodekit.plan import _disk_error
+
+                get.error = get.error or _disk_error(err, _where(get.body))
+            if get.refused is not None:
+                errno, message = 0, ""  # stopped by the head check: judged by the status it saw
         if get.error is not None:  # the body refused the bytes (a full disk, too many bytes)
             done(get, get.error)
             return
@@ -270,6 +319,8 @@ class CurlEngine:
                         trust_hint=self.net.trust_hint(), client_id=get.client_id)
         if errno and get.pos > get.start:
             verdict = Failure(f"{verdict.reason} after {get.pos - get.start} bytes", verdict.error)
+        elif get.refused is not None and get.refused < 300:
+            verdict = Failure(f"answered {get.refused} instead of the range asked for")
         elif not errno and status < 300:
             verdict = Failure(f"response ended early after {get.pos - get.start} of {get.end - get.start} bytes")
         if verdict.error is not None:
@@ -339,7 +390,7 @@ def new_handle(net: NetConfig, read_timeout: float) -> Any:
     option, path = curl_ca_options(net.verify())
     c.setopt(pc.NOSIGNAL, 1)
     c.setopt(getattr(pc, option), path)
-    c.setopt(pc.USERAGENT, user_agent())
+    c.setopt(pc.USERAGENT, user_agent(full=True))
     c.setopt(pc.HTTP_VERSION, pc.CURL_HTTP_VERSION_1_1)
     c.setopt(pc.BUFFERSIZE, CURL_BUFFER)
     c.setopt(pc.CONNECTTIMEOUT, int(CONNECT_TIMEOUT))

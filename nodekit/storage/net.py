@@ -32,9 +32,15 @@ CONNECT_TIMEOUT = 20.0  # seconds to set up a connection (TCP and TLS)
 CA_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")
 
 
-def user_agent() -> str:
-    """`nodekit/VERSION`: first in every request's User-Agent (the SDK appends its own)."""
-    return f"nodekit/{__version__}"
+def user_agent(full: bool = False) -> str:
+    """`nodekit/VERSION`: first in every request's User-Agent (the SDK appends its own). `full`: with the
+    Python version and the OS, for requests no SDK names."""
+    if not full:
+        return f"nodekit/{__version__}"
+    import platform
+    import sys
+
+    return f"nodekit/{__version__} Python/{platform.python_version()} ({sys.platform})"
 
 
 @dataclass
