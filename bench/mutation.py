@@ -1,0 +1,506 @@
+#!/usr/bin/env python3
+"""Mutation testing of nodekit's safety-critical code: which deliberate faults would the tests miss?
+
+    python3 bench/mutation.py                       # every target below -> bench/results-mutation.md
+    python3 bench/mutation.py --only batchenv,plan  # some of them
+    python3 bench/mutation.py --list                # the targets, their functions and mutant counts only
+
+Not part of the test suite and not run in CI (it lives in bench/, outside pytest's `testpaths`):
+it takes about half an hour on a 2-core machine. Run it after changing a module of the table, and
+put its scores in the README's "Development" section.
+
+The tool: Cosmic Ray (pinned below), installed by this script into a virtual environment of its
+own, `.mutation/venv`, so that its dependencies never change what the tests run against (the
+project's `.venv`, which `./dev test` creates; this script runs that first if it is missing).
+Why Cosmic Ray rather than mutmut 3, the other maintained tool: Cosmic Ray writes each mutant into
+the module's file and runs an ordinary test command, so the mutant is what *every* process imports,
+including the `python -m nodekit` and console-script subprocesses that many tests start (nodekit
+killed mid-run, generated command lines run as Batch runs them). mutmut 3 switches mutants on with
+an environment variable inside trampolines and picks the tests for each function from calls it
+saw in the pytest process itself, so code that only a subprocess reaches would count as "no tests".
+Cosmic Ray also keeps every result in a resumable SQLite session, and its sessions can be filtered
+before they run, which is what keeps this run within its half hour (below).
+
+How a run goes:
+
+1. The tree (tracked and new files, as they are in the working folder) is copied to
+   `.mutation/tree-N/`; Cosmic Ray mutates files there, never in the working folder. Tests run
+   with that copy as the current folder and first on PYTHONPATH, so `import nodekit`, `python -m
+   nodekit` and the console script all load the mutated copy (checked before the run).
+2. One Azurite serves every test run (`NODEKIT_TEST_AZURITE_PORT`, read by tests/conftest.py),
+   instead of one start per mutant; it is stopped by its process id at the end.
+3. For each target: a session of every mutant of the module, then everything outside the target's
+   functions (when it names some) and every operator not in OPERATORS is marked skipped; the
+   unmutated code must pass the target's tests (else the run stops); then each mutant runs the
+   target's tests with `pytest -x` under `nice -n 19`. A mutant whose tests fail or pass the
+   time limit is killed; one whose tests pass survived.
+4. The report (`--out`, default bench/results-mutation.md) gives per target killed / survived /
+   total, the time taken, and every survivor with its line and diff.
+
+The table TARGETS is the thing to edit: which module, which of its functions (`Class.method` or
+`function`; none: the whole module), and which tests cover it, fastest and most telling first
+(with `-x` a killed mutant stops at the first failing test). A function named there that no longer
+exists stops the run, so a rename shows up at once.
+
+OPERATORS keeps, like mutmut, one or two mutations per place rather than Cosmic Ray's every
+operator for every operator: a comparison turned into its negation or its boundary, arithmetic to
+its opposite, `and`/`or` swapped, a condition negated (a dropped check), True/False swapped (a link
+followed), a number off by one, a loop that runs zero times, break/continue swapped, an except
+clause that no longer catches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / ".mutation"
+TOOL = "cosmic-ray==8.7.0"
+TOOL_VENV = WORK / "venv"
+PROJECT_PYTHON = ROOT / ".venv" / "bin" / "python"
+
+OPERATORS = [
+    r"core/ReplaceComparisonOperator_(Eq_NotEq|NotEq_Eq|Lt_LtE|LtE_Lt|Gt_GtE|GtE_Gt|Is_IsNot|IsNot_Is)",
+    r"core/ReplaceBinaryOperator_(Add_Sub|Sub_Add|Mul_Div|Div_Mul|FloorDiv_Div|Mod_Div|Pow_Mul|BitOr_BitAnd"
+    r"|BitAnd_BitOr|BitXor_BitAnd|LShift_RShift|RShift_LShift)",
+    r"core/ReplaceUnaryOperator_(Delete_Not|USub_UAdd)",
+    r"core/(AddNot|ReplaceTrueWithFalse|ReplaceFalseWithTrue|ReplaceAndWithOr|ReplaceOrWithAnd"
+    r"|ReplaceBreakWithContinue|ReplaceContinueWithBreak|ExceptionReplacer|NumberReplacer|ZeroIterationForLoop)",
+]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A module (or some of its functions) and the tests that cover it."""
+
+    module: str
+    tests: tuple[str, ...]
+    functions: tuple[str, ...] = ()
+    note: str = ""
+
+
+TARGETS: dict[str, Target] = {
+    "batchenv": Target(
+        "nodekit/batchenv.py",
+        note="the path guard: the job's folders, ensure_inside",
+        tests=(
+            "tests/test_release.py::test_unsafe_environment_is_refused_and_nothing_deleted",
+            "tests/test_prep_errors.py",
+            "tests/test_faults.py::test_no_job_id_lets_prep_or_release_leave_the_job_folders",
+            "tests/test_release.py::test_symlink_in_job_folder_is_removed_not_followed",
+        ),
+    ),
+    "release": Target(
+        "nodekit/release.py",
+        note="the wipe and release's keep-and-verify logic",
+        functions=("ReleaseResult.exit_code", "job_places", "_is_dir", "task_dirs", "collect", "wipe_targets",
+                   "_guard", "wipe", "_Uploader.__init__", "_Uploader.already_there", "_Uploader.free_name",
+                   "_Uploader._names", "_Uploader.put", "_Uploader.write_manifest", "run_release"),
+        tests=(
+            "tests/test_release.py::test_unsafe_environment_is_refused_and_nothing_deleted",
+            "tests/test_release.py::test_dry_run_lists_and_changes_nothing",
+            "tests/test_release.py::test_symlink_in_job_folder_is_removed_not_followed",
+            "tests/test_release.py::test_release_keeps_logs_and_dump_then_wipes",
+            "tests/test_release.py::test_storage_down_keeps_everything",
+            "tests/test_release.py::test_deadline_too_short_for_the_dump",
+            "tests/test_release.py::test_spec_release_section",
+            "tests/test_faults.py::test_no_job_id_lets_prep_or_release_leave_the_job_folders",
+            "tests/test_cache.py::test_release_leaves_other_jobs_and_the_cache_and_purge_removes_only_the_cache",
+            "tests/test_faults.py::test_release_killed_during_its_upload_then_run_again_has_no_duplicates",
+        ),
+    ),
+    "plan": Target(
+        "nodekit/plan.py",
+        note="the plan (download, skip, remove, keep), the removals, the sweep of partial files",
+        functions=("LocalStat.of", "decide", "plan", "_unlink_quietly", "sweep_partials", "remove_placed"),
+        tests=(
+            "tests/test_units.py::test_decide",
+            "tests/test_prep_storage.py",
+            "tests/test_prep_robust.py::test_sigkill_during_a_large_download_then_rerun_repairs",
+        ),
+    ),
+    "landing": Target(
+        "nodekit/transfer.py",
+        note="the landing of a file: temporary name, checks, rename, clean-up on failure",
+        functions=("_Incoming.__init__", "_Incoming.discard", "_Incoming.finish", "Downloader._ensure_parent",
+                   "Downloader._final", "Downloader._record", "Downloader.place_cached", "Downloader._check",
+                   "Downloader._place", "Downloader._stream_to", "Downloader._whole", "Downloader._discard_big",
+                   "Downloader._finish_big", "_same_file"),
+        tests=(
+            "tests/test_prep_robust.py::test_content_md5_mismatch_is_retried_then_fails_and_places_nothing",
+            "tests/test_prep_storage.py",
+            "tests/test_prep_fast.py::test_a_wrong_content_md5_is_caught_with_md5_source_too",
+            "tests/test_prep_fast.py::test_md5_source_hashes_only_what_the_source_can_check",
+            "tests/test_prep_fast.py::test_the_md5_of_a_large_file_follows_its_ranges_in_any_order",
+            "tests/test_faults.py::test_no_blob_name_lets_prep_write_outside_the_job_folder",
+            "tests/test_faults.py::test_a_disk_that_fills_ends_clearly_and_a_rerun_completes",
+            "tests/test_cache.py::test_files_placed_from_the_cache_but_not_recorded_are_taken_as_they_are",
+            "tests/test_cache.py::test_second_job_with_90_percent_in_common_downloads_only_the_rest",
+            "tests/test_prep_robust.py::test_sigkill_during_a_large_download_then_rerun_repairs",
+        ),
+    ),
+    "redact": Target(
+        "nodekit/redact.py",
+        note="secret redaction: registered secrets, secret-looking parameters, the logging filter",
+        tests=(
+            "tests/test_units.py::test_redaction",
+            "tests/test_units.py::test_sas_is_kept_for_requests_but_not_shown",
+            "tests/test_prep_robust.py::test_no_sas_or_key_in_any_output",
+        ),
+    ),
+    "cache": Target(
+        "nodekit/cache.py",
+        note="the cache's tamper check: an object counts only while its stat matches its index line",
+        functions=("NodeCache._load", "NodeCache.lookup", "NodeCache._link_in", "NodeCache._drop",
+                   "NodeCache.repair"),
+        tests=(
+            "tests/test_cache.py::test_a_task_writing_into_an_input_does_not_change_what_the_next_job_gets",
+            "tests/test_cache.py::test_files_placed_from_the_cache_but_not_recorded_are_taken_as_they_are",
+            "tests/test_cache.py::test_second_job_with_90_percent_in_common_downloads_only_the_rest",
+            "tests/test_cache.py::test_the_budget_holds_and_files_in_use_are_never_evicted",
+        ),
+    ),
+}
+
+
+# -- set-up ------------------------------------------------------------------------------------------
+def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=True, text=True, **kw)
+
+
+def ensure_tool() -> Path:
+    """The tool's own virtual environment, with the pinned Cosmic Ray; returns its bin folder."""
+    bin_dir = TOOL_VENV / "bin"
+    version = TOOL.split("==")[1]
+    probe = subprocess.run([str(bin_dir / "cosmic-ray"), "--version"], capture_output=True, text=True) \
+        if (bin_dir / "cosmic-ray").exists() else None
+    if probe is None or version not in probe.stdout + probe.stderr:
+        _run([sys.executable, "-m", "venv", str(TOOL_VENV)])
+        _run([str(bin_dir / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", TOOL])
+    return bin_dir
+
+
+def ensure_project() -> None:
+    """The project's .venv and Azurite, as `./dev test` installs them."""
+    if not PROJECT_PYTHON.exists() or not (ROOT / "node_modules" / ".bin" / "azurite-blob").exists():
+        _run([str(ROOT / "dev"), "test", "--collect-only", "-q"], cwd=ROOT, stdout=subprocess.DEVNULL)
+
+
+def copy_tree(dest: Path) -> None:
+    """The working folder's tracked and new files (not ignored ones) into `dest`, node_modules linked."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    listed = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                  capture_output=True).stdout.split("\0")
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if src.is_file() and not rel.startswith(".mutation/"):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    (dest / "node_modules").symlink_to(ROOT / "node_modules")
+
+
+def check_copy_is_imported(tree: Path, env: dict[str, str]) -> None:
+    """`import nodekit` must load the copy: from the copy itself (pytest, `python -m nodekit`, whose
+    sys.path starts with the current folder) and from anywhere else (the console script)."""
+    probe = "import nodekit.cli; print(nodekit.cli.__file__)"
+    for cwd in (tree, Path("/")):
+        where = _run([str(PROJECT_PYTHON), "-c", probe], cwd=cwd, env=env, capture_output=True).stdout.strip()
+        if not where.startswith(str(tree) + os.sep):
+            raise SystemExit(f"run from {cwd}, nodekit would be imported from {where}, not from the copy {tree}")
+
+
+def function_lines(path: Path, names: tuple[str, ...]) -> list[tuple[int, int]]:
+    """Line ranges (first, last) of the named functions (`Class.method` or `function`) of a module."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: dict[str, tuple[int, int]] = {}
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                found[prefix + child.name] = (child.lineno, child.end_lineno or child.lineno)
+            elif isinstance(child, ast.ClassDef):
+                visit(child, prefix + child.name + ".")
+
+    visit(tree, "")
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise SystemExit(f"{path.relative_to(path.parents[1])}: no function {', '.join(missing)}: update TARGETS")
+    return [found[n] for n in names]
+
+
+# -- one target ---------------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    name: str
+    target: Target
+    killed: int = 0
+    timeouts: int = 0
+    survived: list[dict[str, Any]] = field(default_factory=list)
+    incompetent: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    baseline_s: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return self.killed + len(self.survived)
+
+
+def test_command(target: Target) -> list[str]:
+    return [str(PROJECT_PYTHON), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+            "--no-header", "-W", "ignore", *target.tests]
+
+
+def prepare_session(name: str, target: Target, tree: Path, bin_dir: Path, env: dict[str, str],
+                    timeout: float) -> tuple[Path, Path, int]:
+    """(config, session, mutants to run) of a target: every mutant, then the filters."""
+    work = WORK / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    exclude = "^(?!(" + "|".join(OPERATORS) + ")$)"
+    config: dict[str, Any] = {
+        "module-path": target.module,
+        "timeout": timeout,
+        "excluded-modules": [],
+        "test-command": " ".join(test_command(target)),
+        "distributor": {"name": "local"},
+        "filters": {"operators-filter": {"exclude-operators": [exclude]}},
+    }
+    if target.functions:
+        ranges = function_lines(tree / target.module, target.functions)
+        config["filters"]["line-filter"] = {"lines": {target.module: [f"{a}-{b}" for a, b in ranges]}}
+    cfg = work / "config.toml"
+    cfg.write_text(_toml({"cosmic-ray": config}), encoding="utf-8")
+    session = work / "session.sqlite"
+    quiet = {"cwd": tree, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    _run([str(bin_dir / "cosmic-ray"), "init", str(cfg), str(session)], **quiet)
+    _run([str(bin_dir / "cr-filter-operators"), str(session), str(cfg)], **quiet)
+    if target.functions:
+        _run([str(bin_dir / "cr-filter-lines"), str(session), "--config", str(cfg)], **quiet)
+    spans = json.dumps(annotation_spans(tree / target.module))
+    _run([str(bin_dir / "python"), "-c", _SKIP_ANNOTATIONS, str(session), spans], **quiet)
+    return cfg, session, _count_pending(bin_dir, session, tree, env)
+
+
+def annotation_spans(path: Path) -> list[tuple[int, int, int, int]]:
+    """(line, column, end line, end column) of every type annotation: with `from __future__ import
+    annotations` (every module here) they are never evaluated, so a mutant there is equivalent."""
+    spans = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        notes: list[ast.expr | None] = []
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            notes = [x.annotation for x in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg) if x]
+            notes.append(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            notes = [node.annotation]
+        spans += [(n.lineno, n.col_offset, n.end_lineno or n.lineno, n.end_col_offset or 0) for n in notes if n]
+    return spans
+
+
+# Run by the tool's interpreter: marks as skipped the pending mutants that lie inside an annotation.
+_SKIP_ANNOTATIONS = """
+import json, sys
+from cosmic_ray.work_db import WorkDB, use_db
+from cosmic_ray.work_item import WorkerOutcome, WorkResult
+spans = json.loads(sys.argv[2])
+with use_db(sys.argv[1], WorkDB.Mode.open) as db:
+    for item in list(db.pending_work_items):
+        m = item.mutations[0]
+        start, end = tuple(m.start_pos), tuple(m.end_pos)
+        if any((a, b) <= start and end <= (c, d) for a, b, c, d in spans):
+            db.set_result(item.job_id, WorkResult(output="in a type annotation",
+                                                  worker_outcome=WorkerOutcome.SKIPPED))
+"""
+
+
+def run_target(name: str, target: Target, tree: Path, bin_dir: Path, env: dict[str, str], log: Any) -> Outcome:
+    out = Outcome(name, target)
+    # the unmutated code must pass, and its time sets the limit per mutant
+    started = time.monotonic()
+    base = subprocess.run(["nice", "-n", "19", *test_command(target)], cwd=tree, env=env, capture_output=True,
+                          text=True)
+    out.baseline_s = time.monotonic() - started
+    if base.returncode != 0:
+        raise SystemExit(f"{name}: the tests fail without any mutant:\n{base.stdout[-3000:]}{base.stderr[-2000:]}")
+    timeout = max(60.0, 4 * out.baseline_s)
+    cfg, session, pending = prepare_session(name, target, tree, bin_dir, env, timeout)
+    log(f"{name}: {pending} mutants, baseline {out.baseline_s:.1f} s, limit {timeout:.0f} s per mutant")
+    started = time.monotonic()
+    _run(["nice", "-n", "19", str(bin_dir / "cosmic-ray"), "exec", str(cfg), str(session)], cwd=tree, env=env)
+    out.seconds = time.monotonic() - started
+    for item, result in _dump(bin_dir, session, tree, env):
+        if result is None:
+            continue
+        if result.get("worker_outcome") == "skipped":
+            out.skipped += 1
+            continue
+        outcome = result.get("test_outcome")
+        if outcome == "survived":
+            m = item["mutations"][0]
+            out.survived.append({"line": m["start_pos"][0], "operator": m["operator_name"],
+                                 "function": m.get("definition_name"), "diff": result.get("diff") or ""})
+        elif outcome == "killed":
+            out.killed += 1
+            if (result.get("output") or "").strip() == "timeout":
+                out.timeouts += 1
+        else:
+            out.incompetent += 1
+    out.survived.sort(key=lambda s: (s["line"], s["operator"]))
+    log(f"{name}: killed {out.killed}/{out.total} in {out.seconds:.0f} s")
+    return out
+
+
+def _dump(bin_dir: Path, session: Path, tree: Path, env: dict[str, str]) -> list[tuple[dict[str, Any], Any]]:
+    text = _run([str(bin_dir / "cosmic-ray"), "dump", str(session)], cwd=tree, env=env, capture_output=True).stdout
+    return [tuple(json.loads(line)) for line in text.splitlines() if line.strip()]  # type: ignore[misc]
+
+
+def _count_pending(bin_dir: Path, session: Path, tree: Path, env: dict[str, str]) -> int:
+    return sum(1 for _, result in _dump(bin_dir, session, tree, env) if result is None)
+
+
+def _toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Just enough TOML for the config: scalars, lists of strings, nested tables."""
+    lines, tables = [], []
+    for key, value in data.items():
+        qkey = json.dumps(key) if re.search(r"[^A-Za-z0-9_-]", key) else key
+        if isinstance(value, dict):
+            tables.append(_toml(value, f"{prefix}{qkey}."))
+        else:
+            lines.append(f"{qkey} = {json.dumps(value)}")
+    head = f"[{prefix[:-1]}]\n" if prefix else ""
+    return head + "".join(line + "\n" for line in lines) + "\n" + "".join(tables)
+
+
+# -- leftovers and the report ---------------------------------------------------------------------------
+def stop_leftovers(marker: str) -> None:
+    """End processes this run started that outlived a timed-out test run (found by their marker variable)."""
+    me = os.getpid()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == me:
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if f"NODEKIT_MUTATION_RUN={marker}".encode() in environ.split(b"\0"):
+            try:
+                os.kill(int(proc.name), 9)
+            except ProcessLookupError:
+                pass
+
+
+def report(outcomes: list[Outcome], wall: float, jobs: int) -> str:
+    killed = sum(o.killed for o in outcomes)
+    total = sum(o.total for o in outcomes)
+    lines = [
+        "# Mutation testing of nodekit's safety-critical code",
+        "",
+        f"`python3 bench/mutation.py` ({TOOL}; {jobs} job(s) at a time under `nice -n 19`) on "
+        f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}; wall time {wall / 60:.1f} min.",
+        "",
+        "| target | module | mutants | killed | survived | score | timeouts (counted killed) | minutes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for o in outcomes:
+        score = f"{100 * o.killed / o.total:.1f}%" if o.total else "-"
+        lines.append(f"| {o.name} | `{o.target.module}` | {o.total} | {o.killed} | {len(o.survived)} | {score} | "
+                     f"{o.timeouts} | {o.seconds / 60:.1f} |")
+    lines.append(f"| **all** | | {total} | {killed} | {total - killed} | "
+                 f"**{100 * killed / max(total, 1):.1f}%** | {sum(o.timeouts for o in outcomes)} | "
+                 f"{sum(o.seconds for o in outcomes) / 60:.1f} |")
+    for o in outcomes:
+        lines += ["", f"## {o.name}: {o.target.note}", "",
+                  f"Functions: {', '.join(o.target.functions) if o.target.functions else 'the whole module'}.",
+                  f"Tests: {', '.join('`' + t + '`' for t in o.target.tests)}.", ""]
+        if o.incompetent:
+            lines.append(f"({o.incompetent} mutants were incompetent: not counted.)")
+        if not o.survived:
+            lines.append("No survivor.")
+        for s in o.survived:
+            diff = "\n".join(d for d in s["diff"].splitlines() if d.startswith(("+", "-"))
+                             and not d.startswith(("+++", "---")))
+            lines += [f"- line {s['line']} ({s['function']}), {s['operator'].removeprefix('core/')}:", "",
+                      "  ```diff", *("  " + d for d in diff.splitlines()), "  ```"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help="comma-separated target names (default: all)")
+    parser.add_argument("--jobs", type=int, default=1, help="targets run at once, each in its own copy")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results-mutation.md")
+    parser.add_argument("--list", action="store_true", help="show the targets and their line ranges; run nothing")
+    args = parser.parse_args()
+    names = args.only.split(",") if args.only else list(TARGETS)
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown:
+        parser.error(f"unknown target(s): {', '.join(unknown)}; known: {', '.join(TARGETS)}")
+    if args.list:
+        bin_dir = ensure_tool()
+        for n in names:
+            t = TARGETS[n]
+            ranges = function_lines(ROOT / t.module, t.functions) if t.functions else "whole module"
+            _, _, count = prepare_session(n, t, ROOT, bin_dir, dict(os.environ), 60.0)
+            print(f"{n}: {t.module} {ranges}: {count} mutants\n    tests: {' '.join(t.tests)}")
+        return
+
+    ensure_project()
+    bin_dir = ensure_tool()
+    marker = uuid.uuid4().hex
+    sys.path.insert(0, str(ROOT / "tests"))
+    from azurite import start_azurite, stop_process
+
+    began = time.monotonic()
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - began:7.1f} s] {msg}", flush=True)
+
+    server, proc = start_azurite()
+    outcomes: dict[str, Outcome] = {}
+    try:
+        jobs = max(1, min(args.jobs, len(names)))
+        trees = [WORK / f"tree-{i}" for i in range(jobs)]
+        envs = []
+        for tree in trees:
+            copy_tree(tree)
+            env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AZ_BATCH_", "AZURE_", "NODEKIT_"))},
+                   "PYTHONPATH": str(tree), "NODEKIT_TEST_AZURITE_PORT": str(server.port),
+                   "NODEKIT_MUTATION_RUN": marker, "PYTHONDONTWRITEBYTECODE": "1"}
+            check_copy_is_imported(tree, env)
+            envs.append(env)
+        queues: list[list[str]] = [names[i::jobs] for i in range(jobs)]
+
+        def worker(i: int) -> None:
+            for n in queues[i]:
+                outcomes[n] = run_target(n, TARGETS[n], trees[i], bin_dir, envs[i], log)
+
+        with ThreadPoolExecutor(jobs) as pool:
+            for fut in [pool.submit(worker, i) for i in range(jobs)]:
+                fut.result()
+    finally:
+        stop_process(proc)
+        stop_leftovers(marker)
+    wall = time.monotonic() - began
+    text = report([outcomes[n] for n in names if n in outcomes], wall, args.jobs)
+    args.out.write_text(text, encoding="utf-8")
+    log(f"done in {wall / 60:.1f} min: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
