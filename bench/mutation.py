@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import json
 import os
 import re
@@ -242,6 +243,98 @@ def function_lines(path: Path, names: tuple[str, ...]) -> list[tuple[int, int]]:
     return [found[n] for n in names]
 
 
+# -- which tests reach which line ----------------------------------------------------------------------
+COVERAGE = "coverage==7.17.3"  # in the project's .venv: it must run inside the processes under test
+_COVERAGERC = """[run]
+parallel = true
+include = {tree}/nodekit/*
+patch =
+    _exit
+    subprocess
+"""
+
+
+def ensure_coverage() -> None:
+    probe = subprocess.run([str(PROJECT_PYTHON), "-c", "import coverage; print(coverage.__version__)"],
+                           capture_output=True, text=True)
+    if probe.stdout.strip() != COVERAGE.split("==")[1]:
+        _run([str(PROJECT_PYTHON), "-m", "pip", "install", "-q", "--disable-pip-version-check", COVERAGE])
+
+
+def pytest_args(selectors: list[str] | tuple[str, ...]) -> list[str]:
+    return ["-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--no-header", "-W", "ignore",
+            *selectors]
+
+
+def measure_coverage(name: str, target: Target, tree: Path, env: dict[str, str]) -> tuple[dict[str, list[int]],
+                                                                                            float]:
+    """Run each test selector of `target` once under coverage (subprocesses included): for each line of
+    the module, which selectors execute it; and how long all of them took. Stops if one fails."""
+    work = WORK / name
+    rc = work / "coveragerc"
+    rc.write_text(_COVERAGERC.format(tree=tree), encoding="utf-8")
+    module = str(tree / target.module)
+    covered: dict[str, list[int]] = {}
+    total = 0.0
+    for i, selector in enumerate(target.tests):
+        data = work / f"cov-{i}"
+        shutil.rmtree(data, ignore_errors=True)
+        data.mkdir()
+        cenv = {**env, "COVERAGE_FILE": str(data / ".coverage"), "COVERAGE_RCFILE": str(rc)}
+        started = time.monotonic()
+        res = subprocess.run(["nice", "-n", "19", str(PROJECT_PYTHON), "-m", "coverage", "run",
+                              *pytest_args([selector])], cwd=tree, env=cenv, capture_output=True, text=True)
+        total += time.monotonic() - started
+        if res.returncode != 0:
+            raise SystemExit(f"{name}: {selector} fails without any mutant:\n{res.stdout[-3000:]}{res.stderr[-2000:]}")
+        _run([str(PROJECT_PYTHON), "-m", "coverage", "combine", "-q"], cwd=data, env=cenv, capture_output=True)
+        lines = _run([str(PROJECT_PYTHON), "-c", "import coverage, json, sys; d = coverage.CoverageData(sys.argv[1]); "
+                      "d.read(); print(json.dumps(sorted(d.lines(sys.argv[2]) or [])))",
+                      str(data / ".coverage"), module], cwd=data, env=cenv, capture_output=True).stdout
+        for line in json.loads(lines):
+            covered.setdefault(str(line), []).append(i)
+    return covered, total
+
+
+def statement_starts(source: str) -> dict[int, list[int]]:
+    """For every line, the first lines of the statements that contain it, innermost first (coverage
+    reports a statement spread over several lines at its first line)."""
+    out: dict[int, list[int]] = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.stmt):
+            for line in range(node.lineno, (node.end_lineno or node.lineno) + 1):
+                out.setdefault(line, []).append(node.lineno)
+    return {line: sorted(set(starts), reverse=True) for line, starts in out.items()}
+
+
+def run_mutant(name: str, work: Path) -> int:
+    """Cosmic Ray's test command (run in the copy, with a mutant in place): the selectors that execute
+    the mutated lines, in the table's order, with `pytest -x`; none: the mutant survives uncovered."""
+    target = TARGETS[name]
+    pristine = (work / "pristine.py").read_text(encoding="utf-8").splitlines()
+    current = Path(target.module).read_text(encoding="utf-8").splitlines()
+    changed = set()
+    for tag, i1, i2, _, _ in difflib.SequenceMatcher(a=pristine, b=current, autojunk=False).get_opcodes():
+        if tag != "equal":
+            changed.update(range(i1 + 1, max(i2, i1 + 1) + 1))
+    covered = json.loads((work / "covered.json").read_text(encoding="utf-8"))
+    starts = statement_starts("\n".join(pristine))
+    chosen: set[int] = set()
+    for line in changed:
+        for start in [line, *starts.get(line, [])]:
+            if str(start) in covered:
+                chosen.update(covered[str(start)])
+                break
+    if not chosen:
+        print(NOT_COVERED)
+        return 0
+    selectors = [target.tests[i] for i in sorted(chosen)]
+    return subprocess.run([sys.executable, *pytest_args(selectors)]).returncode
+
+
+NOT_COVERED = "no test of the table executes the mutated line"
+
+
 # -- one target ---------------------------------------------------------------------------------------
 @dataclass
 class Outcome:
@@ -253,30 +346,24 @@ class Outcome:
     incompetent: int = 0
     skipped: int = 0
     seconds: float = 0.0
-    baseline_s: float = 0.0
+    coverage_s: float = 0.0
 
     @property
     def total(self) -> int:
         return self.killed + len(self.survived)
 
 
-def test_command(target: Target) -> list[str]:
-    return [str(PROJECT_PYTHON), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-            "--no-header", "-W", "ignore", *target.tests]
-
-
 def prepare_session(name: str, target: Target, tree: Path, bin_dir: Path, env: dict[str, str],
                     timeout: float) -> tuple[Path, Path, int]:
     """(config, session, mutants to run) of a target: every mutant, then the filters."""
     work = WORK / name
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
     exclude = "^(?!(" + "|".join(OPERATORS) + ")$)"
     config: dict[str, Any] = {
         "module-path": target.module,
         "timeout": timeout,
         "excluded-modules": [],
-        "test-command": " ".join(test_command(target)),
+        "test-command": f"{PROJECT_PYTHON} bench/mutation.py --run-mutant {name} --work {work}",
         "distributor": {"name": "local"},
         "filters": {"operators-filter": {"exclude-operators": [exclude]}},
     }
@@ -286,6 +373,7 @@ def prepare_session(name: str, target: Target, tree: Path, bin_dir: Path, env: d
     cfg = work / "config.toml"
     cfg.write_text(_toml({"cosmic-ray": config}), encoding="utf-8")
     session = work / "session.sqlite"
+    session.unlink(missing_ok=True)
     quiet = {"cwd": tree, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     _run([str(bin_dir / "cosmic-ray"), "init", str(cfg), str(session)], **quiet)
     _run([str(bin_dir / "cr-filter-operators"), str(session), str(cfg)], **quiet)
@@ -330,16 +418,17 @@ with use_db(sys.argv[1], WorkDB.Mode.open) as db:
 
 def run_target(name: str, target: Target, tree: Path, bin_dir: Path, env: dict[str, str], log: Any) -> Outcome:
     out = Outcome(name, target)
-    # the unmutated code must pass, and its time sets the limit per mutant
+    work = WORK / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    shutil.copy2(tree / target.module, work / "pristine.py")
     started = time.monotonic()
-    base = subprocess.run(["nice", "-n", "19", *test_command(target)], cwd=tree, env=env, capture_output=True,
-                          text=True)
-    out.baseline_s = time.monotonic() - started
-    if base.returncode != 0:
-        raise SystemExit(f"{name}: the tests fail without any mutant:\n{base.stdout[-3000:]}{base.stderr[-2000:]}")
-    timeout = max(60.0, 4 * out.baseline_s)
+    covered, tests_s = measure_coverage(name, target, tree, env)
+    (work / "covered.json").write_text(json.dumps(covered), encoding="utf-8")
+    out.coverage_s = time.monotonic() - started
+    timeout = max(60.0, 3 * tests_s)
     cfg, session, pending = prepare_session(name, target, tree, bin_dir, env, timeout)
-    log(f"{name}: {pending} mutants, baseline {out.baseline_s:.1f} s, limit {timeout:.0f} s per mutant")
+    log(f"{name}: {pending} mutants; its tests took {tests_s:.0f} s (limit per mutant {timeout:.0f} s)")
     started = time.monotonic()
     _run(["nice", "-n", "19", str(bin_dir / "cosmic-ray"), "exec", str(cfg), str(session)], cwd=tree, env=env)
     out.seconds = time.monotonic() - started
@@ -350,13 +439,15 @@ def run_target(name: str, target: Target, tree: Path, bin_dir: Path, env: dict[s
             out.skipped += 1
             continue
         outcome = result.get("test_outcome")
+        output = (result.get("output") or "").strip()
         if outcome == "survived":
             m = item["mutations"][0]
             out.survived.append({"line": m["start_pos"][0], "operator": m["operator_name"],
-                                 "function": m.get("definition_name"), "diff": result.get("diff") or ""})
+                                 "function": m.get("definition_name"), "diff": result.get("diff") or "",
+                                 "uncovered": NOT_COVERED in output})
         elif outcome == "killed":
             out.killed += 1
-            if (result.get("output") or "").strip() == "timeout":
+            if output == "timeout":
                 out.timeouts += 1
         else:
             out.incompetent += 1
@@ -411,31 +502,34 @@ def report(outcomes: list[Outcome], wall: float, jobs: int) -> str:
     lines = [
         "# Mutation testing of nodekit's safety-critical code",
         "",
-        f"`python3 bench/mutation.py` ({TOOL}; {jobs} job(s) at a time under `nice -n 19`) on "
-        f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}; wall time {wall / 60:.1f} min.",
+        f"`python3 bench/mutation.py` ({TOOL}; {jobs} target(s) at a time under `nice -n 19`) on "
+        f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}: wall time {wall / 60:.1f} min.",
         "",
-        "| target | module | mutants | killed | survived | score | timeouts (counted killed) | minutes |",
+        "| target | module | mutants | killed | survived (no test reaches it) | score | timeouts (counted killed) "
+        "| minutes (coverage + mutants) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for o in outcomes:
         score = f"{100 * o.killed / o.total:.1f}%" if o.total else "-"
-        lines.append(f"| {o.name} | `{o.target.module}` | {o.total} | {o.killed} | {len(o.survived)} | {score} | "
-                     f"{o.timeouts} | {o.seconds / 60:.1f} |")
+        uncovered = sum(1 for s in o.survived if s["uncovered"])
+        lines.append(f"| {o.name} | `{o.target.module}` | {o.total} | {o.killed} | {len(o.survived)} ({uncovered}) | "
+                     f"{score} | {o.timeouts} | {o.coverage_s / 60:.1f} + {o.seconds / 60:.1f} |")
     lines.append(f"| **all** | | {total} | {killed} | {total - killed} | "
                  f"**{100 * killed / max(total, 1):.1f}%** | {sum(o.timeouts for o in outcomes)} | "
-                 f"{sum(o.seconds for o in outcomes) / 60:.1f} |")
+                 f"{sum(o.coverage_s + o.seconds for o in outcomes) / 60:.1f} |")
     for o in outcomes:
         lines += ["", f"## {o.name}: {o.target.note}", "",
                   f"Functions: {', '.join(o.target.functions) if o.target.functions else 'the whole module'}.",
-                  f"Tests: {', '.join('`' + t + '`' for t in o.target.tests)}.", ""]
+                  "", "Tests: " + ", ".join("`" + t + "`" for t in o.target.tests) + ".", ""]
         if o.incompetent:
-            lines.append(f"({o.incompetent} mutants were incompetent: not counted.)")
+            lines += [f"({o.incompetent} mutants were incompetent: not counted.)", ""]
         if not o.survived:
             lines.append("No survivor.")
         for s in o.survived:
             diff = "\n".join(d for d in s["diff"].splitlines() if d.startswith(("+", "-"))
                              and not d.startswith(("+++", "---")))
-            lines += [f"- line {s['line']} ({s['function']}), {s['operator'].removeprefix('core/')}:", "",
+            where = " — no test of the table executes it" if s["uncovered"] else ""
+            lines += [f"- line {s['line']} ({s['function']}), {s['operator'].removeprefix('core/')}{where}:", "",
                       "  ```diff", *("  " + d for d in diff.splitlines()), "  ```"]
     return "\n".join(lines) + "\n"
 
@@ -445,8 +539,12 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated target names (default: all)")
     parser.add_argument("--jobs", type=int, default=1, help="targets run at once, each in its own copy")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results-mutation.md")
-    parser.add_argument("--list", action="store_true", help="show the targets and their line ranges; run nothing")
+    parser.add_argument("--list", action="store_true", help="show the targets and their mutant counts; run nothing")
+    parser.add_argument("--run-mutant", metavar="TARGET", help=argparse.SUPPRESS)  # Cosmic Ray's test command
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.run_mutant:
+        sys.exit(run_mutant(args.run_mutant, args.work))
     names = args.only.split(",") if args.only else list(TARGETS)
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
@@ -461,6 +559,7 @@ def main() -> None:
         return
 
     ensure_project()
+    ensure_coverage()
     bin_dir = ensure_tool()
     marker = uuid.uuid4().hex
     sys.path.insert(0, str(ROOT / "tests"))
@@ -471,33 +570,34 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"[{time.monotonic() - began:7.1f} s] {msg}", flush=True)
 
-    server, proc = start_azurite()
     outcomes: dict[str, Outcome] = {}
-    try:
-        jobs = max(1, min(args.jobs, len(names)))
-        trees = [WORK / f"tree-{i}" for i in range(jobs)]
-        envs = []
-        for tree in trees:
-            copy_tree(tree)
-            env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AZ_BATCH_", "AZURE_", "NODEKIT_"))},
-                   "PYTHONPATH": str(tree), "NODEKIT_TEST_AZURITE_PORT": str(server.port),
+    jobs = max(1, min(args.jobs, len(names)))
+    trees = [WORK / f"tree-{i}" for i in range(jobs)]
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("AZ_BATCH_", "AZURE_", "NODEKIT_"))}
+    for tree in trees:
+        copy_tree(tree)
+        check_copy_is_imported(tree, {**base_env, "PYTHONPATH": str(tree)})
+    queues: list[list[str]] = [names[i::jobs] for i in range(jobs)]
+
+    def worker(i: int) -> None:
+        for n in queues[i]:
+            # an Azurite of its own per target: the emulator keeps every blob in memory
+            server, proc = start_azurite()
+            env = {**base_env, "PYTHONPATH": str(trees[i]), "NODEKIT_TEST_AZURITE_PORT": str(server.port),
                    "NODEKIT_MUTATION_RUN": marker, "PYTHONDONTWRITEBYTECODE": "1"}
-            check_copy_is_imported(tree, env)
-            envs.append(env)
-        queues: list[list[str]] = [names[i::jobs] for i in range(jobs)]
+            try:
+                outcomes[n] = run_target(n, TARGETS[n], trees[i], bin_dir, env, log)
+            finally:
+                stop_process(proc)
 
-        def worker(i: int) -> None:
-            for n in queues[i]:
-                outcomes[n] = run_target(n, TARGETS[n], trees[i], bin_dir, envs[i], log)
-
+    try:
         with ThreadPoolExecutor(jobs) as pool:
             for fut in [pool.submit(worker, i) for i in range(jobs)]:
                 fut.result()
     finally:
-        stop_process(proc)
         stop_leftovers(marker)
     wall = time.monotonic() - began
-    text = report([outcomes[n] for n in names if n in outcomes], wall, args.jobs)
+    text = report([outcomes[n] for n in names if n in outcomes], wall, jobs)
     args.out.write_text(text, encoding="utf-8")
     log(f"done in {wall / 60:.1f} min: {args.out}")
 
