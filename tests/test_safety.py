@@ -1,0 +1,392 @@
+"""The README's strongest promises, each held by a test through the command line and real folders
+or Azurite: links inside the job's folders change nothing outside them; a release re-run never
+overwrites what it kept; what storage holds is read back before anything is wiped; partial files of
+a killed run are swept; no secret reaches a log line or a report; a large blob with a wrong MD5 and a
+disk too small are caught before anything lands under a final name."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import pytest
+from conftest import Azurite, BatchNode, BlobRemote, LocalRemote, Remote, remote_env, tree
+from faultproxy import FaultProxy, Rule
+from helpers import report, run
+
+MIB = 1024 * 1024
+
+
+def _md5(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def _snapshot(root: Path) -> dict[str, tuple[str, bytes | str]]:
+    """Everything under `root` (links as links, never followed), to compare before and after."""
+    out: dict[str, tuple[str, bytes | str]] = {}
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        for name in dirs + files:
+            path = Path(folder) / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                out[rel] = ("link", os.readlink(path))
+            elif path.is_file():
+                out[rel] = ("file", path.read_bytes())
+            else:
+                out[rel] = ("dir", b"")
+    return out
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """Data outside every job folder, which no nodekit command may change."""
+    root = tmp_path / "outside"
+    (root / "folder").mkdir(parents=True)
+    (root / "folder" / "a.txt").write_text("precious a")
+    (root / "folder" / "old.txt").write_text("precious old")
+    (root / "folder" / ".x.bin.nodekit-partial").write_text("not ours")
+    (root / "secret.txt").write_text("precious file")
+    return root
+
+
+# -- prep and links ------------------------------------------------------------------------------------
+def test_prep_never_writes_through_a_linked_folder(remote: Remote, batch_node: BatchNode, outside: Path,
+                                                    tmp_path: Path) -> None:
+    before = _snapshot(outside)
+    remote.put("sub/a.txt", b"from the source")
+    remote.put("top.txt", b"top")
+    (batch_node.job_dir / "in").mkdir(parents=True)
+    (batch_node.job_dir / "in" / "sub").symlink_to(outside / "folder")  # a task left a link where a folder goes
+    result = run(["prep", f"in={remote.url}", "--progress-interval", "0"], batch_node.env(**remote_env(remote)),
+                 ok=False)
+    assert result.exit_code == 6, result.output
+    assert "symbolic link" in result.stderr and result.stderr.count("Error:") == 1
+    assert _snapshot(outside) == before
+    assert not list(outside.rglob("*nodekit-partial*"))[1:]  # only the file that was there already
+
+
+def test_a_folder_replaced_by_a_link_after_prep_is_neither_written_nor_emptied(
+        remote: Remote, batch_node: BatchNode, outside: Path, tmp_path: Path) -> None:
+    remote.put("sub/a.txt", b"version 1")
+    remote.put("sub/old.txt", b"old one")
+    env = batch_node.env(**remote_env(remote))
+    run(["prep", f"in={remote.url}", "--progress-interval", "0"], env)
+    sub = batch_node.job_dir / "in" / "sub"
+    # the folder nodekit filled is replaced by a link to a folder outside that holds files of the same
+    # names, sizes and times: what prep recorded would match them
+    for name in ("a.txt", "old.txt"):
+        shutil.copy2(sub / name, outside / "folder" / name)
+    shutil.rmtree(sub)
+    sub.symlink_to(outside / "folder")
+    before = _snapshot(outside)
+    remote.delete("sub/old.txt")  # prep would remove it...
+    remote.put("sub/a.txt", b"version 2, longer")  # ...and download this one again
+    rep_path = tmp_path / "r.json"
+    result = run(["prep", f"in={remote.url}", "--progress-interval", "0", "--report", str(rep_path)], env, ok=False)
+    assert result.exit_code == 6, result.output
+    assert _snapshot(outside) == before
+    removal = [f for f in report(rep_path)["files"] if f["name"] == "in/sub/old.txt"]
+    assert removal and removal[0]["action"] == "keep" and "symbolic link" in removal[0]["reason"]
+
+
+# -- release and links -----------------------------------------------------------------------------------
+@dataclass
+class SmallNode:
+    """A release node with small logs and a small dump (quick to upload again and again)."""
+
+    node: BatchNode
+    work: Path
+    own: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return self.node.env(AZ_BATCH_TASK_ID="jobrelease", AZ_BATCH_TASK_DIR=str(self.own),
+                             AZ_BATCH_TASK_WORKING_DIR=str(self.own / "wd"), **extra)
+
+
+@pytest.fixture
+def small_node(batch_node: BatchNode) -> SmallNode:
+    work = batch_node.root / "workitems" / batch_node.job_id / "job-1"
+    for task in ("jobpreparation", "task001", "task002"):
+        (work / task / "wd").mkdir(parents=True, exist_ok=True)
+        (work / task / "stdout.txt").write_text(f"{task} out\n")
+        (work / task / "stderr.txt").write_text(f"{task} err\n")
+    (work / "task001" / "wd" / "app.log").write_text("log of task001\n")
+    (work / "task002" / "wd" / "core").write_bytes(os.urandom(64 * 1024) + bytes(3 * MIB))
+    own = work / "jobrelease"
+    (own / "wd").mkdir(parents=True)
+    (batch_node.job_dir / "input").mkdir(parents=True)
+    (batch_node.job_dir / "input" / "data.bin").write_bytes(b"input")
+    return SmallNode(batch_node, work, own)
+
+
+def _archive_names(data: bytes) -> list[str]:
+    with gzip.GzipFile(fileobj=__import__("io").BytesIO(data)) as gz, tarfile.open(fileobj=gz) as tar:
+        return sorted(tar.getnames())
+
+
+def test_release_wipes_links_but_never_follows_them(small_node: SmallNode, outside: Path, tmp_path: Path) -> None:
+    sn = small_node
+    # a working folder that is itself a link, a task folder that is a link, links inside the job folder
+    shutil.rmtree(sn.work / "task002" / "wd")
+    (sn.work / "task002" / "wd").symlink_to(outside / "folder")
+    (sn.work / "task003").symlink_to(outside)
+    (sn.node.job_dir / "input" / "to-folder").symlink_to(outside / "folder")
+    (sn.node.job_dir / "to-file").symlink_to(outside / "secret.txt")
+    before = _snapshot(outside)
+    dest = tmp_path / "kept"
+    run(["release", "--upload-to", str(dest), "--wipe-task-dirs", "--logs", "**/*.txt"], sn.env())
+    assert _snapshot(outside) == before
+    assert not sn.node.job_dir.exists()
+    assert not os.path.lexists(sn.work / "task001" / "wd")
+    assert not os.path.lexists(sn.work / "task002" / "wd")  # the link is gone, what it pointed to is not
+    assert (sn.work / "task003").is_symlink()  # not a task folder of this job: not touched
+    assert (sn.work / "task002" / "stdout.txt").exists()
+    names = _archive_names((dest / "job-1" / "tvm-1" / "logs.tar.gz").read_bytes())
+    assert not [n for n in names if "task003" in n or "a.txt" in n or "old.txt" in n]
+
+
+def test_release_never_collects_a_log_or_dump_that_is_a_link(small_node: SmallNode, outside: Path,
+                                                               tmp_path: Path) -> None:
+    sn = small_node
+    (sn.work / "task001" / "stdout.txt").unlink()
+    (sn.work / "task001" / "stdout.txt").symlink_to(outside / "secret.txt")
+    (sn.work / "task001" / "wd" / "linked.log").symlink_to(outside / "secret.txt")
+    (sn.work / "task001" / "wd" / "core.42").symlink_to(outside / "secret.txt")
+    (sn.work / "task001" / "wd" / "logs").symlink_to(outside / "folder")  # a folder of "logs" elsewhere
+    dest = tmp_path / "kept"
+    rep_path = tmp_path / "r.json"
+    run(["release", "--upload-to", str(dest), "--logs", "**/*.log", "--logs", "**/*.txt", "--report",
+         str(rep_path)], sn.env())
+    kept = dest / "job-1" / "tvm-1"
+    names = _archive_names((kept / "logs.tar.gz").read_bytes())
+    assert names == ["job-1/jobpreparation/stderr.txt", "job-1/jobpreparation/stdout.txt",
+                     "job-1/task001/stderr.txt", "job-1/task001/wd/app.log", "job-1/task002/stderr.txt",
+                     "job-1/task002/stdout.txt"]
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()) == [
+        "dumps/job-1/task002/wd/core.gz", "logs.tar.gz", "manifest.json"]
+    assert b"precious" not in b"".join(p.read_bytes() for p in kept.rglob("*") if p.is_file() and p.suffix != ".gz")
+    assert b"precious" not in gzip.decompress((kept / "logs.tar.gz").read_bytes())
+    assert report(rep_path)["dumps"] == ["job-1/task002/wd/core"]
+
+
+# -- release re-runs -------------------------------------------------------------------------------------
+def _objects(dest: Remote, prefix: str) -> dict[str, bytes]:
+    if isinstance(dest, BlobRemote):
+        return {b.name[len(prefix):]: dest.client.download_blob(b.name).readall()
+                for b in dest.client.list_blobs(name_starts_with=prefix)}
+    assert isinstance(dest, LocalRemote)
+    return tree(dest.root / prefix)
+
+
+@pytest.fixture(params=["local", "azurite"])
+def destination(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Remote]:
+    if request.param == "local":
+        yield LocalRemote(tmp_path / "kept")
+        return
+    blobs = BlobRemote(request.getfixturevalue("azurite"))
+    yield blobs
+    blobs.client.delete_container()
+
+
+def test_a_rerun_never_overwrites_what_an_earlier_run_kept(destination: Remote, small_node: SmallNode,
+                                                            tmp_path: Path) -> None:
+    sn = small_node
+    env = sn.env(**remote_env(destination))
+    args = ["release", "--upload-to", destination.url, "--logs", "**/*.log"]
+    run(args, env)
+    first = _objects(destination, "job-1/tvm-1/")
+    assert sorted(first) == ["dumps/job-1/task002/wd/core.gz", "logs.tar.gz", "manifest.json"]
+
+    # the same release again (Batch re-runs it after a reboot): the logs and the dump changed meanwhile
+    with open(sn.work / "task001" / "stdout.txt", "a") as fh:
+        fh.write("written after the first release\n")
+    core = sn.work / "task002" / "wd" / "core"
+    core.write_bytes(os.urandom(4096) + bytes(MIB))
+    rep_path = tmp_path / "r2.json"
+    run([*args, "--report", str(rep_path)], env)
+    second = _objects(destination, "job-1/tvm-1/")
+    for name in ("logs.tar.gz", "dumps/job-1/task002/wd/core.gz"):
+        assert second[name] == first[name], f"{name} was overwritten"
+    assert sorted(second) == ["dumps/job-1/task002/wd/core-2.gz", "dumps/job-1/task002/wd/core.gz",
+                              "logs-2.tar.gz", "logs.tar.gz", "manifest.json"]
+    assert gzip.decompress(second["dumps/job-1/task002/wd/core-2.gz"]) == core.read_bytes()
+    with gzip.GzipFile(fileobj=__import__("io").BytesIO(second["logs-2.tar.gz"])) as gz, \
+            tarfile.open(fileobj=gz) as tar:
+        member = tar.extractfile("job-1/task001/stdout.txt")
+        assert member is not None and member.read().endswith(b"written after the first release\n")
+    # the manifest lists everything any run kept, each with the MD5 and size of what storage holds
+    manifest = json.loads(second["manifest.json"])
+    assert manifest["complete"] is True
+    assert sorted(manifest["objects"]) == sorted(n for n in second if n != "manifest.json")
+    for name, entry in manifest["objects"].items():
+        assert (entry["md5"], entry["size"]) == (_md5(second[name]), len(second[name])), name
+    assert sorted(u["name"] for u in report(rep_path)["uploaded"]) == ["dumps/job-1/task002/wd/core-2.gz",
+                                                                      "logs-2.tar.gz"]
+
+    # a third run with nothing changed uploads nothing and keeps the list whole
+    rep3 = tmp_path / "r3.json"
+    run([*args, "--report", str(rep3)], env)
+    third = _objects(destination, "job-1/tvm-1/")
+    assert {k: v for k, v in third.items() if k != "manifest.json"} == \
+        {k: v for k, v in second.items() if k != "manifest.json"}
+    assert report(rep3)["uploaded"] == []
+    assert sorted(a["name"] for a in report(rep3)["already_uploaded"]) == ["dumps/job-1/task002/wd/core-2.gz",
+                                                                          "logs-2.tar.gz"]
+    assert json.loads(third["manifest.json"])["objects"] == manifest["objects"]
+
+
+def test_an_object_changed_in_storage_since_is_not_taken_as_kept(small_node: SmallNode, tmp_path: Path) -> None:
+    sn = small_node
+    dest = LocalRemote(tmp_path / "kept")
+    args = ["release", "--upload-to", dest.url]
+    run(args, sn.env())
+    archive = dest.root / "job-1" / "tvm-1" / "logs.tar.gz"
+    archive.write_bytes(b"damaged")  # storage no longer holds what the manifest recorded
+    rep_path = tmp_path / "r.json"
+    run([*args, "--report", str(rep_path)], sn.env())
+    rep = report(rep_path)
+    assert [u["name"] for u in rep["uploaded"]] == ["logs-2.tar.gz"]  # kept again, under a free name
+    assert archive.read_bytes() == b"damaged"
+
+
+# -- reading back what storage holds ---------------------------------------------------------------------
+@pytest.fixture
+def proxy(azurite: Azurite) -> Iterator[FaultProxy]:
+    p = FaultProxy(azurite.port).start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def test_storage_that_drops_the_content_md5_is_not_taken_as_verified_and_nothing_is_wiped(
+        proxy: FaultProxy, blob_remote: BlobRemote, small_node: SmallNode, tmp_path: Path) -> None:
+    sn = small_node
+    before = tree(sn.node.job_dir)
+    proxy.set_rules([Rule("strip", header="x-ms-blob-content-md5")])
+    via = f"http://127.0.0.1:{proxy.port}/devstoreaccount1/{blob_remote.container}"
+    rep_path = tmp_path / "r.json"
+    result = run(["release", "--upload-to", via, "--wipe-task-dirs", "--report", str(rep_path)],
+                 sn.env(**remote_env(blob_remote)), ok=False)
+    assert proxy.counts["strip"] >= 1
+    stored = {b.name: b for b in blob_remote.client.list_blobs(name_starts_with="job-1/tvm-1/")}
+    assert "job-1/tvm-1/logs.tar.gz" in stored
+    assert not stored["job-1/tvm-1/logs.tar.gz"].content_settings.content_md5  # what the proxy did
+    assert result.exit_code == 9, result.output
+    assert "does not match what was uploaded" in result.stderr
+    rep = report(rep_path)
+    assert rep["uploaded"] == [] and rep["already_uploaded"] == [] and rep["wiped"] == []
+    assert tree(sn.node.job_dir) == before and (sn.work / "task001" / "wd" / "app.log").exists()
+    manifest = blob_remote.client.get_blob_client("job-1/tvm-1/manifest.json")
+    assert not manifest.exists() or json.loads(manifest.download_blob().readall())["objects"] == {}
+
+
+# -- partial files of a killed run -----------------------------------------------------------------------
+def test_partial_files_of_a_killed_run_are_swept_and_nothing_else(batch_node: BatchNode, outside: Path,
+                                                                  tmp_path: Path) -> None:
+    src = LocalRemote(tmp_path / "src")
+    src.put("a.txt", b"a")
+    src.put("deep/b.txt", b"b")
+    env = batch_node.env()
+    run(["prep", f"in={src.url}", "--progress-interval", "0"], env)
+    job = batch_node.job_dir
+    # what a run killed mid-download leaves: its marker and temporary files, in any folder
+    leftovers = [job / "in" / ".a.txt.nodekit-partial", job / "in" / "deep" / ".c.bin.nodekit-partial",
+                 job / ".x.nodekit-partial"]
+    for p in leftovers:
+        p.write_bytes(b"half a file")
+    (job / "in" / "task-output.txt").write_text("a task's file")
+    (job / "in" / "linked").symlink_to(outside / "folder")  # holds a partial-looking file of its own
+    (job / ".nodekit" / "running").touch()
+    before = _snapshot(outside)
+    rep_path = tmp_path / "r.json"
+    run(["prep", f"in={src.url}", "--progress-interval", "0", "--report", str(rep_path)], env)
+    assert [p for p in leftovers if p.exists()] == []
+    assert report(rep_path)["swept_partial_files"] == 3
+    assert (job / "in" / "task-output.txt").read_text() == "a task's file"
+    assert _snapshot(outside) == before
+    assert not (job / ".nodekit" / "running").exists()
+
+    # after a run that finished, a file of that shape is nobody's leftover: it stays
+    (job / "in" / ".mine.nodekit-partial").write_text("a task named it so")
+    run(["prep", f"in={src.url}", "--progress-interval", "0", "--report", str(rep_path)], env)
+    assert (job / "in" / ".mine.nodekit-partial").exists()
+    assert report(rep_path)["swept_partial_files"] == 0
+
+
+# -- secrets in log lines --------------------------------------------------------------------------------
+def _assert_absent(secrets: list[str], *texts: str) -> None:
+    for secret in secrets:
+        for text in texts:
+            assert secret not in text
+
+
+def test_a_server_that_echoes_the_sas_gets_it_into_no_log_line_or_report(
+        proxy: FaultProxy, blob_remote: BlobRemote, small_node: SmallNode, tmp_path: Path) -> None:
+    """A proxy answers 403 with the request's URL, SAS and all, in its status line, error code and body
+    (an error message carrying the URL, as HTTP libraries' exceptions do): release logs that error,
+    prep reports it; neither shows the signature."""
+    sn = small_node
+    proxy.set_rules([Rule("echo")])
+    sas = blob_remote.sas_url(write=True, create=True).split("?", 1)[1]
+    sig = parse_qs(sas)["sig"][0]
+    via = f"http://127.0.0.1:{proxy.port}/devstoreaccount1/{blob_remote.container}?{sas}"
+    secrets = [sig, sas, sas.split("sig=")[1]]
+    rep_path = tmp_path / "release.json"
+    result = run(["-v", "release", "--upload-to", via, "--report", str(rep_path)], sn.env(), ok=False)
+    assert result.exit_code in (4, 9), result.output
+    assert proxy.counts["echo"] >= 1
+    assert "Denied" in result.stderr  # the server's words got through, its secrets did not
+    _assert_absent(secrets, result.stdout, result.stderr, rep_path.read_text())
+    assert sn.node.job_dir.exists()
+
+    prep_report = tmp_path / "prep.json"
+    result = run(["-v", "prep", f"in={via}", "--report", str(prep_report)], sn.node.env(), ok=False)
+    assert result.exit_code == 4, result.output
+    assert "Denied" in result.stderr
+    _assert_absent(secrets, result.stdout, result.stderr, prep_report.read_text() if prep_report.exists() else "")
+
+
+# -- a large blob whose Content-MD5 is wrong; a disk too small ---------------------------------------------
+def test_a_large_ranged_blob_with_a_wrong_md5_fails_with_7_and_lands_nowhere(blob_remote: BlobRemote,
+                                                                               batch_node: BatchNode) -> None:
+    from azure.storage.blob import ContentSettings
+
+    data = os.urandom(17 * MIB)  # over 16 MiB: fetched as ranges, hashed as they complete
+    blob_remote.put("big.bin", data, blocks=True)
+    blob_remote.put("small.bin", b"small")
+    wrong = hashlib.md5(b"something else").digest()
+    blob_remote.client.get_blob_client("big.bin").set_http_headers(ContentSettings(content_md5=bytearray(wrong)))
+    result = run(["prep", f"in={blob_remote.url}", "--progress-interval", "0"],
+                 batch_node.env(**remote_env(blob_remote)), ok=False)
+    assert result.exit_code == 7, result.output
+    assert "does not match the source's Content-MD5" in result.stderr
+    assert not (batch_node.job_dir / "in" / "big.bin").exists()
+    assert not list(batch_node.job_dir.rglob("*.nodekit-partial"))
+    state = batch_node.job_dir / ".nodekit" / "state.json"
+    assert "big.bin" not in (state.read_text() if state.exists() else "")
+
+
+def test_a_download_larger_than_the_free_disk_is_refused_before_writing_anything(batch_node: BatchNode,
+                                                                                   tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "small.txt").write_text("small")
+    free = shutil.disk_usage(tmp_path).free
+    with open(src / "huge.bin", "wb") as fh:  # sparse: its size costs no disk
+        os.truncate(fh.fileno(), min(free + 64 * 1024**3, 15 * 1024**4))
+    rep_path = tmp_path / "r.json"
+    result = run(["prep", f"in={src}", "--report", str(rep_path)], batch_node.env(), ok=False)
+    assert result.exit_code == 8, result.output
+    assert "is free" in result.stderr and "the download needs" in result.stderr
+    written = [p for p in batch_node.job_dir.rglob("*") if p.is_file() and ".nodekit" not in p.parts]
+    assert written == []
