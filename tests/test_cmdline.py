@@ -8,6 +8,7 @@ import shlex
 import stat
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -278,12 +279,23 @@ def test_cmdline_from_a_description_file(tmp_path: Path) -> None:
 
 
 def test_pip_install_and_generate_from_outside_the_source_tree(tmp_path: Path) -> None:
-    """The packaged templates are in the wheel: a fresh venv, pip install ., run from elsewhere."""
+    """The packaged templates are in the wheel: a fresh venv, pip install ., run from elsewhere.
+
+    No package index: the wheel is built with this environment's setuptools (the test extra brings
+    one), and nodekit's dependencies come from this environment too (a .pth line names its
+    site-packages; the .pth files in it, such as nodekit's own editable install, are not read)."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                          str(ROOT)], capture_output=True, text=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    inner = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()"
+                            "['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
+    Path(inner, "_deps_of_the_test_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    pip = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
+                          "--isolated", "--disable-pip-version-check", "--no-index", "--no-build-isolation",
+                          "--no-deps", str(ROOT)], capture_output=True, text=True)
     assert pip.returncode == 0, pip.stderr[-2000:]
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import nodekit; print(nodekit.__file__)"],
+                           cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert where.startswith(inner), where  # the installed copy, not the source tree
     out = subprocess.run([str(venv / "bin" / "nodekit"), "cmdline", "builtin:sample", "--job-id", "j1", "--pool-id",
                           "p1", "--upload-to", "https://acct1.blob.core.windows.net/logs", "--format", "job"],
                          cwd=tmp_path, capture_output=True, text=True,
