@@ -390,3 +390,41 @@ def test_a_download_larger_than_the_free_disk_is_refused_before_writing_anything
     assert "is free" in result.stderr and "the download needs" in result.stderr
     written = [p for p in batch_node.job_dir.rglob("*") if p.is_file() and ".nodekit" not in p.parts]
     assert written == []
+
+
+# -- the path guard ---------------------------------------------------------------------------------------
+def test_a_relative_dest_is_taken_inside_the_shared_directory_and_may_not_leave_it(batch_node: BatchNode,
+                                                                                     tmp_path: Path) -> None:
+    src = LocalRemote(tmp_path / "src")
+    src.put("a.txt", b"a")
+    env = batch_node.env()
+    run(["prep", f"in={src.url}", "--dest", "elsewhere/job-x", "--progress-interval", "0"], env)
+    assert (batch_node.shared / "elsewhere" / "job-x" / "in" / "a.txt").read_bytes() == b"a"
+    run(["prep", f"in={src.url}", "--dest", str(batch_node.shared / "abs-job"), "--progress-interval", "0"], env)
+    assert (batch_node.shared / "abs-job" / "in" / "a.txt").read_bytes() == b"a"
+    before = _snapshot(tmp_path / "node")
+    for dest in ("../escaped", ".", str(tmp_path / "outside-dest"), "elsewhere/../.."):
+        result = run(["prep", f"in={src.url}", "--dest", dest], env, ok=False)
+        assert result.exit_code == 6, (dest, result.output)
+        assert "is not inside" in result.stderr, dest
+    assert _snapshot(tmp_path / "node") == before
+    assert not (tmp_path / "outside-dest").exists() and not (batch_node.root / "escaped").exists()
+
+
+@pytest.mark.parametrize(("shared", "message"), [
+    ("missing", "does not exist"),
+    ("a-file/shared", "does not exist"),
+    ("x" * 300, "cannot be used: File name too long"),
+    ("loop", "cannot be used"),
+    ("a-file", "is not a folder"),
+])
+def test_an_unusable_shared_directory_is_refused_with_exit_3(tmp_path: Path, shared: str, message: str) -> None:
+    (tmp_path / "a-file").write_text("a file")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop")
+    src = LocalRemote(tmp_path / "src")
+    src.put("a.txt", b"a")
+    env = {"AZ_BATCH_NODE_SHARED_DIR": str(tmp_path / shared), "AZ_BATCH_JOB_ID": "j"}
+    result = run(["prep", f"in={src.url}"], env, ok=False)
+    assert result.exit_code == 3, result.output
+    assert message in result.stderr and result.stderr.count("Error:") == 1
