@@ -428,3 +428,41 @@ def test_an_unusable_shared_directory_is_refused_with_exit_3(tmp_path: Path, sha
     result = run(["prep", f"in={src.url}"], env, ok=False)
     assert result.exit_code == 3, result.output
     assert message in result.stderr and result.stderr.count("Error:") == 1
+
+
+def test_a_short_deadline_keeps_back_a_fifth_for_the_wipe_and_no_more(small_node: SmallNode, tmp_path: Path) -> None:
+    """--deadline 10s: 2 s are kept for the wipe, 8 s are enough to keep a small job's logs and dump."""
+    sn = small_node
+    rep_path = tmp_path / "r.json"
+    run(["release", "--upload-to", str(tmp_path / "kept"), "--deadline", "10s", "--report", str(rep_path)], sn.env())
+    rep = report(rep_path)
+    assert rep["skipped"] == [] and rep["exit_code"] == 0
+    assert sorted(u["name"] for u in rep["uploaded"]) == ["dumps/job-1/task002/wd/core.gz", "logs.tar.gz"]
+    assert rep["wiped"] == [str(sn.node.job_dir)]
+
+
+# -- the scrubber, as a table -----------------------------------------------------------------------------
+def test_registered_secrets_are_scrubbed_whole_whatever_they_look_like() -> None:
+    from nodekit.redact import register_secret, scrub
+
+    register_secret("Zm9vYmFyYmF6cXV4")  # a key: nothing about it looks like a secret
+    register_secret("Zm9vYmFyYmF6cXV4LWxvbmdlcg")  # a longer one that contains it
+    assert scrub("key Zm9vYmFyYmF6cXV4LWxvbmdlcg and Zm9vYmFyYmF6cXV4.") == "key REDACTED and REDACTED."
+    register_secret("six666")  # six characters are enough to be registered...
+    register_secret("five5")  # ...five are not (they would blank out ordinary words)
+    assert scrub("six666 five5") == "REDACTED five5"
+    register_secret(None)
+    register_secret("")
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("https://acct.blob.core.windows.net/c/p?sv=1&sig=abc", "https://acct.blob.core.windows.net/c/p"),
+    ("https://user:pw@acct.blob.core.windows.net:8443/c?x=1", "https://acct.blob.core.windows.net:8443/c"),
+    ("/mnt/data/in?token=abc", "/mnt/data/in"),
+    ("C:\\data\\in?token=abc", "C:\\data\\in"),
+    ("http://[::1/broken?sig=abc", "<unparseable URL>"),
+])
+def test_urls_are_shown_without_query_or_user(url: str, shown: str) -> None:
+    from nodekit.redact import display_url
+
+    assert display_url(url) == shown
