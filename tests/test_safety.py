@@ -466,3 +466,57 @@ def test_urls_are_shown_without_query_or_user(url: str, shown: str) -> None:
     from nodekit.redact import display_url
 
     assert display_url(url) == shown
+
+
+# -- the landing of a file --------------------------------------------------------------------------------
+def _source_mtime_ns(remote: Remote, name: str) -> int:
+    if isinstance(remote, BlobRemote):
+        props = remote.client.get_blob_client(name).get_blob_properties()
+        return int(props.last_modified.timestamp()) * 1_000_000_000
+    assert isinstance(remote, LocalRemote)
+    return os.stat(remote.root / name).st_mtime_ns
+
+
+def test_landed_files_carry_the_sources_time_and_are_writable_without_the_cache(remote: Remote,
+                                                                                  batch_node: BatchNode) -> None:
+    files = {"small.txt": b"small", "deep/er/mid.bin": os.urandom(300_000)}
+    if isinstance(remote, BlobRemote):
+        files["big.bin"] = os.urandom(17 * MIB)  # ranged
+    for name, data in files.items():
+        remote.put(name, data, blocks=len(data) > 4 * MIB)
+    env = batch_node.env(**remote_env(remote))
+    run(["prep", f"in={remote.url}", "--no-cache", "--progress-interval", "0"], env)
+    for name, data in files.items():
+        landed = batch_node.job_dir / "in" / name
+        assert landed.read_bytes() == data
+        st = os.stat(landed)
+        assert abs(st.st_mtime_ns - _source_mtime_ns(remote, name)) < 1000, name  # to the microsecond
+        assert stat_mode(st) == 0o644, name
+    run(["prep", f"in={remote.url}", "--job-id", "job-2", "--progress-interval", "0"], env)  # cached: read-only
+    assert {stat_mode(os.stat(batch_node.shared / "job-2" / "in" / n)) for n in files} == {0o444}
+
+
+def stat_mode(st: os.stat_result) -> int:
+    return st.st_mode & 0o777
+
+
+def test_a_folder_or_a_file_in_the_way_ends_with_8_and_is_left_alone(remote: Remote, batch_node: BatchNode) -> None:
+    remote.put("x.txt", b"x")
+    remote.put("d/y.txt", b"y")
+    job_in = batch_node.job_dir / "in"
+    (job_in / "x.txt").mkdir(parents=True)  # a task made a folder where the source has a file
+    (job_in / "x.txt" / "kept").write_text("the task's")
+    (job_in / "d").write_text("a file where the source has a folder")
+    result = run(["prep", f"in={remote.url}", "--progress-interval", "0"], batch_node.env(**remote_env(remote)),
+                 ok=False)
+    assert result.exit_code == 8, result.output
+    assert ("is a folder where the source has a file" in result.stderr
+            or "is a file where nodekit needs a folder" in result.stderr)
+    assert (job_in / "x.txt" / "kept").read_text() == "the task's"
+    assert (job_in / "d").read_text() == "a file where the source has a folder"
+    assert not list(batch_node.job_dir.rglob("*.nodekit-partial"))
+    (job_in / "d").unlink()
+    result = run(["prep", f"in={remote.url}", "--progress-interval", "0"], batch_node.env(**remote_env(remote)),
+                 ok=False)
+    assert result.exit_code == 8 and "x.txt is a folder where the source has a file" in result.stderr, result.output
+    assert (job_in / "d" / "y.txt").read_bytes() == b"y"
