@@ -520,3 +520,15 @@ def test_a_folder_or_a_file_in_the_way_ends_with_8_and_is_left_alone(remote: Rem
                  ok=False)
     assert result.exit_code == 8 and "x.txt is a folder where the source has a file" in result.stderr, result.output
     assert (job_in / "d" / "y.txt").read_bytes() == b"y"
+
+
+def test_a_warm_rerun_reports_what_was_verified_when_each_file_landed(blob_remote: BlobRemote, batch_node: BatchNode,
+                                                                       tmp_path: Path) -> None:
+    blob_remote.put("a.txt", b"checked against its Content-MD5")
+    rep_path = tmp_path / "r.json"
+    env = batch_node.env(**remote_env(blob_remote))
+    for _ in range(2):
+        run(["prep", f"in={blob_remote.url}", "--report", str(rep_path), "--progress-interval", "0"], env)
+    files = report(rep_path)["files"]
+    assert [(f["action"], f["verified"], f["md5"]) for f in files] == [
+        ("skip", True, _md5(b"checked against its Content-MD5"))]
