@@ -67,8 +67,8 @@ def _tasks_file(tmp_path: Path, tasks: list[dict[str, Any]]) -> Path:
 
 
 def _meet(me: str, other: str) -> str:
-    """A task that leaves its mark, then succeeds only if `other` leaves its own within 5 s."""
-    return (f"/bin/bash -c 'touch \"$AZ_BATCH_NODE_SHARED_DIR/{me}\"; for i in $(seq 50); do "
+    """A task that leaves its mark, then succeeds only if `other` leaves its own within 2.5 s."""
+    return (f"/bin/bash -c 'touch \"$AZ_BATCH_NODE_SHARED_DIR/{me}\"; for i in $(seq 25); do "
             f"[ -e \"$AZ_BATCH_NODE_SHARED_DIR/{other}\" ] && exit 0; sleep 0.1; done; exit 1'")
 
 
