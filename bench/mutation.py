@@ -60,6 +60,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -68,9 +69,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / ".mutation"
+WORK = ROOT / ".mutation"  # --work changes it (two runs at once need two)
 TOOL = "cosmic-ray==8.7.0"
-TOOL_VENV = WORK / "venv"
+TOOL_VENV = ROOT / ".mutation" / "venv"
 PROJECT_PYTHON = ROOT / ".venv" / "bin" / "python"
 
 OPERATORS = [
@@ -178,8 +179,8 @@ TARGETS: dict[str, Target] = {
 
 
 # -- set-up ------------------------------------------------------------------------------------------
-def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, check=True, text=True, **kw)
+def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[Any]:
+    return subprocess.run(cmd, check=True, **{"text": True, **kw})
 
 
 def ensure_tool() -> Path:
@@ -200,17 +201,23 @@ def ensure_project() -> None:
         _run([str(ROOT / "dev"), "test", "--collect-only", "-q"], cwd=ROOT, stdout=subprocess.DEVNULL)
 
 
-def copy_tree(dest: Path) -> None:
-    """The working folder's tracked and new files (not ignored ones) into `dest`, node_modules linked."""
+def copy_tree(dest: Path, rev: str | None = None) -> None:
+    """The working folder's tracked and new files (not ignored ones), or those of commit `rev`, into
+    `dest`; node_modules linked."""
     if dest.exists():
         shutil.rmtree(dest)
-    listed = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                  capture_output=True).stdout.split("\0")
-    for rel in filter(None, listed):
-        src = ROOT / rel
-        if src.is_file() and not rel.startswith(".mutation/"):
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
+    dest.mkdir(parents=True)
+    if rev:
+        archive = _run(["git", "archive", "--format=tar", rev], cwd=ROOT, capture_output=True, text=False).stdout
+        _run(["tar", "-x", "-C", str(dest)], input=archive, text=False)
+    else:
+        listed = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                      capture_output=True).stdout.split("\0")
+        for rel in filter(None, listed):
+            src = ROOT / rel
+            if src.is_file() and not rel.startswith(".mutation"):
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dest / rel)
     (dest / "node_modules").symlink_to(ROOT / "node_modules")
 
 
@@ -453,6 +460,8 @@ def run_target(name: str, target: Target, tree: Path, bin_dir: Path, env: dict[s
             out.incompetent += 1
     out.survived.sort(key=lambda s: (s["line"], s["operator"]))
     log(f"{name}: killed {out.killed}/{out.total} in {out.seconds:.0f} s")
+    (work / "outcome.json").write_text(json.dumps({k: v for k, v in out.__dict__.items() if k != "target"}),
+                                       encoding="utf-8")
     return out
 
 
@@ -541,14 +550,28 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results-mutation.md")
     parser.add_argument("--list", action="store_true", help="show the targets and their mutant counts; run nothing")
     parser.add_argument("--run-mutant", metavar="TARGET", help=argparse.SUPPRESS)  # Cosmic Ray's test command
-    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help="working folder (default .mutation/)")
+    parser.add_argument("--rev", help="mutate the files of this commit instead of the working folder's")
+    parser.add_argument("--report-from", type=Path, nargs="+", metavar="WORK",
+                        help="only write the report, from the outcomes recorded in these working folders")
     args = parser.parse_args()
     if args.run_mutant:
         sys.exit(run_mutant(args.run_mutant, args.work))
+    global WORK
+    WORK = (args.work or WORK).resolve()
     names = args.only.split(",") if args.only else list(TARGETS)
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
         parser.error(f"unknown target(s): {', '.join(unknown)}; known: {', '.join(TARGETS)}")
+    if args.report_from:
+        found = {}
+        for folder in args.report_from:
+            for n in names:
+                if (folder / n / "outcome.json").exists():
+                    data = json.loads((folder / n / "outcome.json").read_text(encoding="utf-8"))
+                    found[n] = Outcome(target=TARGETS[n], **data)
+        args.out.write_text(report([found[n] for n in names if n in found], 0.0, 0), encoding="utf-8")
+        return
     if args.list:
         bin_dir = ensure_tool()
         for n in names:
@@ -575,12 +598,17 @@ def main() -> None:
     trees = [WORK / f"tree-{i}" for i in range(jobs)]
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("AZ_BATCH_", "AZURE_", "NODEKIT_"))}
     for tree in trees:
-        copy_tree(tree)
+        copy_tree(tree, args.rev)
         check_copy_is_imported(tree, {**base_env, "PYTHONPATH": str(tree)})
-    queues: list[list[str]] = [names[i::jobs] for i in range(jobs)]
+    todo = list(names)  # taken one at a time by whichever copy is free
+    todo_lock = threading.Lock()
 
     def worker(i: int) -> None:
-        for n in queues[i]:
+        while True:
+            with todo_lock:
+                if not todo:
+                    return
+                n = todo.pop(0)
             # an Azurite of its own per target: the emulator keeps every blob in memory
             server, proc = start_azurite()
             env = {**base_env, "PYTHONPATH": str(trees[i]), "NODEKIT_TEST_AZURITE_PORT": str(server.port),
