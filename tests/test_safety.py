@@ -307,6 +307,7 @@ def test_partial_files_of_a_killed_run_are_swept_and_nothing_else(batch_node: Ba
     (job / "in" / "task-output.txt").write_text("a task's file")
     (job / "in" / "linked").symlink_to(outside / "folder")  # holds a partial-looking file of its own
     (job / ".nodekit" / "running").touch()
+    (job / ".nodekit" / ".kept.nodekit-partial").write_text("nodekit's own folder is never swept")
     before = _snapshot(outside)
     rep_path = tmp_path / "r.json"
     run(["prep", f"in={src.url}", "--progress-interval", "0", "--report", str(rep_path)], env)
@@ -315,6 +316,7 @@ def test_partial_files_of_a_killed_run_are_swept_and_nothing_else(batch_node: Ba
     assert (job / "in" / "task-output.txt").read_text() == "a task's file"
     assert _snapshot(outside) == before
     assert not (job / ".nodekit" / "running").exists()
+    assert (job / ".nodekit" / ".kept.nodekit-partial").exists()
 
     # after a run that finished, a file of that shape is nobody's leftover: it stays
     (job / "in" / ".mine.nodekit-partial").write_text("a task named it so")
@@ -532,3 +534,18 @@ def test_a_warm_rerun_reports_what_was_verified_when_each_file_landed(blob_remot
     files = report(rep_path)["files"]
     assert [(f["action"], f["verified"], f["md5"]) for f in files] == [
         ("skip", True, _md5(b"checked against its Content-MD5"))]
+
+
+def test_files_gone_from_the_source_are_removed_with_the_folders_they_emptied(remote: Remote,
+                                                                               batch_node: BatchNode) -> None:
+    for name in ("keep.txt", "gone/deep/er/a.txt", "gone/deep/b.txt", "half/c.txt"):
+        remote.put(name, name.encode())
+    env = batch_node.env(**remote_env(remote))
+    run(["prep", f"in={remote.url}", "--progress-interval", "0"], env)
+    job_in = batch_node.job_dir / "in"
+    (job_in / "half" / "task.out").write_text("a task's file")  # keeps its folder
+    for name in ("gone/deep/er/a.txt", "gone/deep/b.txt", "half/c.txt"):
+        remote.delete(name)
+    run(["prep", f"in={remote.url}", "--progress-interval", "0"], env)
+    assert sorted(p.relative_to(job_in).as_posix() for p in job_in.rglob("*")) == [
+        "half", "half/task.out", "keep.txt"]
