@@ -549,3 +549,18 @@ def test_files_gone_from_the_source_are_removed_with_the_folders_they_emptied(re
     run(["prep", f"in={remote.url}", "--progress-interval", "0"], env)
     assert sorted(p.relative_to(job_in).as_posix() for p in job_in.rglob("*")) == [
         "half", "half/task.out", "keep.txt"]
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_wipe_target_holding_the_release_tasks_own_folder_is_refused_before_anything(
+        small_node: SmallNode, tmp_path: Path, dry_run: bool) -> None:
+    sn = small_node
+    own = sn.node.job_dir / "release-task"  # the release task's folder inside the job's shared folder
+    (own / "wd").mkdir(parents=True)
+    before = _snapshot(sn.node.root)
+    dest = tmp_path / "kept"
+    env = {**sn.env(), "AZ_BATCH_TASK_DIR": str(own), "AZ_BATCH_TASK_WORKING_DIR": str(own / "wd")}
+    result = run(["release", "--upload-to", str(dest), *(["--dry-run"] if dry_run else [])], env, ok=False)
+    assert result.exit_code == 6, result.output
+    assert "holds the release task's own folder" in result.stderr
+    assert not dest.exists() and _snapshot(sn.node.root) == before
