@@ -94,11 +94,16 @@ class Target:
     note: str = ""
 
 
+S = "tests/test_safety.py::"  # the tests written for these targets come first: small, and aimed
+
 TARGETS: dict[str, Target] = {
     "batchenv": Target(
         "nodekit/batchenv.py",
         note="the path guard: the job's folders, ensure_inside",
         tests=(
+            S + "test_an_unusable_shared_directory_is_refused_with_exit_3",
+            S + "test_a_relative_dest_is_taken_inside_the_shared_directory_and_may_not_leave_it",
+            S + "test_release_wipes_links_but_never_follows_them",
             "tests/test_release.py::test_unsafe_environment_is_refused_and_nothing_deleted",
             "tests/test_prep_errors.py",
             "tests/test_faults.py::test_no_job_id_lets_prep_or_release_leave_the_job_folders",
@@ -112,6 +117,13 @@ TARGETS: dict[str, Target] = {
                    "_guard", "wipe", "_Uploader.__init__", "_Uploader.already_there", "_Uploader.free_name",
                    "_Uploader._names", "_Uploader.put", "_Uploader.write_manifest", "run_release"),
         tests=(
+            S + "test_release_wipes_links_but_never_follows_them",
+            S + "test_release_never_collects_a_log_or_dump_that_is_a_link",
+            S + "test_a_wipe_target_holding_the_release_tasks_own_folder_is_refused_before_anything",
+            S + "test_a_rerun_never_overwrites_what_an_earlier_run_kept",
+            S + "test_an_object_changed_in_storage_since_is_not_taken_as_kept",
+            S + "test_a_short_deadline_keeps_back_a_fifth_for_the_wipe_and_no_more",
+            S + "test_storage_that_drops_the_content_md5_is_not_taken_as_verified_and_nothing_is_wiped",
             "tests/test_release.py::test_unsafe_environment_is_refused_and_nothing_deleted",
             "tests/test_release.py::test_dry_run_lists_and_changes_nothing",
             "tests/test_release.py::test_symlink_in_job_folder_is_removed_not_followed",
@@ -130,6 +142,10 @@ TARGETS: dict[str, Target] = {
         functions=("LocalStat.of", "decide", "plan", "_unlink_quietly", "sweep_partials", "remove_placed"),
         tests=(
             "tests/test_units.py::test_decide",
+            S + "test_partial_files_of_a_killed_run_are_swept_and_nothing_else",
+            S + "test_files_gone_from_the_source_are_removed_with_the_folders_they_emptied",
+            S + "test_a_folder_replaced_by_a_link_after_prep_is_neither_written_nor_emptied",
+            S + "test_a_warm_rerun_reports_what_was_verified_when_each_file_landed",
             "tests/test_prep_storage.py",
             "tests/test_prep_robust.py::test_sigkill_during_a_large_download_then_rerun_repairs",
         ),
@@ -142,6 +158,11 @@ TARGETS: dict[str, Target] = {
                    "Downloader._place", "Downloader._stream_to", "Downloader._whole", "Downloader._discard_big",
                    "Downloader._finish_big", "_same_file"),
         tests=(
+            S + "test_landed_files_carry_the_sources_time_and_are_writable_without_the_cache",
+            S + "test_a_folder_or_a_file_in_the_way_ends_with_8_and_is_left_alone",
+            S + "test_prep_never_writes_through_a_linked_folder",
+            S + "test_a_folder_replaced_by_a_link_after_prep_is_neither_written_nor_emptied",
+            S + "test_a_large_ranged_blob_with_a_wrong_md5_fails_with_7_and_lands_nowhere",
             "tests/test_prep_robust.py::test_content_md5_mismatch_is_retried_then_fails_and_places_nothing",
             "tests/test_prep_storage.py",
             "tests/test_prep_fast.py::test_a_wrong_content_md5_is_caught_with_md5_source_too",
@@ -158,6 +179,9 @@ TARGETS: dict[str, Target] = {
         "nodekit/redact.py",
         note="secret redaction: registered secrets, secret-looking parameters, the logging filter",
         tests=(
+            S + "test_registered_secrets_are_scrubbed_whole_whatever_they_look_like",
+            S + "test_urls_are_shown_without_query_or_user",
+            S + "test_a_server_that_echoes_the_sas_gets_it_into_no_log_line_or_report",
             "tests/test_units.py::test_redaction",
             "tests/test_units.py::test_sas_is_kept_for_requests_but_not_shown",
             "tests/test_prep_robust.py::test_no_sas_or_key_in_any_output",
