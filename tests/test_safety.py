@@ -564,3 +564,12 @@ def test_a_wipe_target_holding_the_release_tasks_own_folder_is_refused_before_an
     assert result.exit_code == 6, result.output
     assert "holds the release task's own folder" in result.stderr
     assert not dest.exists() and _snapshot(sn.node.root) == before
+
+
+def test_a_missing_batch_variable_names_the_option_that_stands_in_for_it(tmp_path: Path) -> None:
+    src = LocalRemote(tmp_path / "src")
+    src.put("a.txt", b"a")
+    result = run(["prep", f"in={src.url}"], {"AZ_BATCH_JOB_ID": "j"}, ok=False)
+    assert result.exit_code == 3
+    assert result.stderr == ("Error: AZ_BATCH_NODE_SHARED_DIR is not set: run this on a Batch node, or pass "
+                             "--shared-dir for a local run.\n")
