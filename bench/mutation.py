@@ -293,8 +293,9 @@ def ensure_coverage() -> None:
 
 
 def pytest_args(selectors: list[str] | tuple[str, ...]) -> list[str]:
-    return ["-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--no-header", "-W", "ignore",
-            *selectors]
+    # hypothesis' pytest plugin costs 2 s of start-up per run (its @given tests run without it)
+    return ["-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-o", "addopts=",
+            "--no-header", "-W", "ignore", *selectors]
 
 
 def measure_coverage(name: str, target: Target, tree: Path, env: dict[str, str]) -> tuple[dict[str, list[int]],
