@@ -573,3 +573,52 @@ def test_a_missing_batch_variable_names_the_option_that_stands_in_for_it(tmp_pat
     assert result.exit_code == 3
     assert result.stderr == ("Error: AZ_BATCH_NODE_SHARED_DIR is not set: run this on a Batch node, or pass "
                              "--shared-dir for a local run.\n")
+
+
+# -- the node cache's tamper check and repair ---------------------------------------------------------------
+def test_the_cache_hands_out_only_objects_whose_stat_still_matches_and_repairs_leftovers(
+        batch_node: BatchNode, tmp_path: Path) -> None:
+    src = LocalRemote(tmp_path / "src")
+    data = {f"f{i}.bin": os.urandom(1000 + i) for i in range(4)}
+    for name, content in data.items():
+        src.put(name, content)
+    env = batch_node.env()
+
+    def prep(job: str) -> dict:
+        rep_path = tmp_path / f"{job}.json"
+        run(["prep", f"in={src.url}", "--job-id", job, "--report", str(rep_path), "--progress-interval", "0"], env)
+        assert tree(batch_node.shared / job) == {f"in/{k}": v for k, v in data.items()}, job
+        return report(rep_path)
+
+    prep("job-a")
+    cache = batch_node.shared / ".nodekit-cache"
+    index = cache / "index.jsonl"
+    objects = sorted(p for p in (cache / "objects").rglob("*") if p.is_file())
+    assert len(objects) == 4 and len(index.read_text().splitlines()) == 4
+    by_content = {p.read_bytes(): p for p in objects}
+    # what tasks and kills can leave: an object written into (same size, new time), one replaced by a
+    # file of the same size and time (a new inode), one gone, an object nobody recorded, a torn last
+    # line, a compaction's temporary file
+    touched, replaced, gone = (by_content[data[f"f{i}.bin"]] for i in range(3))
+    st = os.stat(touched)
+    os.chmod(touched, 0o644)
+    touched.write_bytes(b"X" * st.st_size)  # in place: the same inode and size, a new time
+    st = os.stat(replaced)
+    os.unlink(replaced)
+    replaced.write_bytes(b"Y" * st.st_size)
+    os.utime(replaced, ns=(st.st_atime_ns, st.st_mtime_ns))
+    gone.unlink()
+    orphan = cache / "objects" / "ff" / ("ff" + "0" * 62)
+    orphan.parent.mkdir(exist_ok=True)
+    orphan.write_bytes(b"never recorded")
+    with open(index, "a") as fh:
+        fh.write('{"k": "torn')
+    (cache / "index.jsonl.999.tmp").write_text("half a compaction")
+
+    second = prep("job-b")  # exactly the right bytes, three of them downloaded again
+    assert (second["downloaded"], second["from_cache"]) == (3, 1)
+    assert not orphan.exists() and not (cache / "index.jsonl.999.tmp").exists()
+    lines = [json.loads(line) for line in index.read_text().splitlines()]  # every line whole again
+    assert len({line["k"] for line in lines if "size" in line}) == 4
+    third = prep("job-c")  # the repaired cache serves everything
+    assert (third["downloaded"], third["from_cache"]) == (0, 4)
