@@ -58,7 +58,54 @@ def outside(tmp_path: Path) -> Path:
     return root
 
 
-# -- prep and links ------------------------------------------------------------------------------------
+# -- the path guard ----------------------------------------------------------------------------------------
+def test_a_missing_batch_variable_names_the_option_that_stands_in_for_it(tmp_path: Path) -> None:
+    src = LocalRemote(tmp_path / "src")
+    src.put("a.txt", b"a")
+    result = run(["prep", f"in={src.url}"], {"AZ_BATCH_JOB_ID": "j"}, ok=False)
+    assert result.exit_code == 3
+    assert result.stderr == ("Error: AZ_BATCH_NODE_SHARED_DIR is not set: run this on a Batch node, or pass "
+                             "--shared-dir for a local run.\n")
+
+
+@pytest.mark.parametrize(("shared", "message"), [
+    ("missing", "does not exist"),
+    ("a-file/shared", "does not exist"),
+    ("x" * 300, "cannot be used: File name too long"),
+    ("loop", "cannot be used"),
+    ("a-file", "is not a folder"),
+])
+def test_an_unusable_shared_directory_is_refused_with_exit_3(tmp_path: Path, shared: str, message: str) -> None:
+    (tmp_path / "a-file").write_text("a file")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop")
+    src = LocalRemote(tmp_path / "src")
+    src.put("a.txt", b"a")
+    env = {"AZ_BATCH_NODE_SHARED_DIR": str(tmp_path / shared), "AZ_BATCH_JOB_ID": "j"}
+    result = run(["prep", f"in={src.url}"], env, ok=False)
+    assert result.exit_code == 3, result.output
+    assert message in result.stderr and result.stderr.count("Error:") == 1
+
+
+def test_a_relative_dest_is_taken_inside_the_shared_directory_and_may_not_leave_it(batch_node: BatchNode,
+                                                                                     tmp_path: Path) -> None:
+    src = LocalRemote(tmp_path / "src")
+    src.put("a.txt", b"a")
+    env = batch_node.env()
+    run(["prep", f"in={src.url}", "--dest", "elsewhere/job-x", "--progress-interval", "0"], env)
+    assert (batch_node.shared / "elsewhere" / "job-x" / "in" / "a.txt").read_bytes() == b"a"
+    run(["prep", f"in={src.url}", "--dest", str(batch_node.shared / "abs-job"), "--progress-interval", "0"], env)
+    assert (batch_node.shared / "abs-job" / "in" / "a.txt").read_bytes() == b"a"
+    before = _snapshot(tmp_path / "node")
+    for dest in ("../escaped", ".", str(tmp_path / "outside-dest"), "elsewhere/../.."):
+        result = run(["prep", f"in={src.url}", "--dest", dest], env, ok=False)
+        assert result.exit_code == 6, (dest, result.output)
+        assert "is not inside" in result.stderr, dest
+    assert _snapshot(tmp_path / "node") == before
+    assert not (tmp_path / "outside-dest").exists() and not (batch_node.root / "escaped").exists()
+
+
+# -- prep: links, the landing of a file, a wrong MD5, a disk too small -------------------------------------
 def test_prep_never_writes_through_a_linked_folder(remote: Remote, batch_node: BatchNode, outside: Path,
                                                     tmp_path: Path) -> None:
     before = _snapshot(outside)
@@ -70,8 +117,7 @@ def test_prep_never_writes_through_a_linked_folder(remote: Remote, batch_node: B
                  ok=False)
     assert result.exit_code == 6, result.output
     assert "symbolic link" in result.stderr and result.stderr.count("Error:") == 1
-    assert _snapshot(outside) == before
-    assert not list(outside.rglob("*nodekit-partial*"))[1:]  # only the file that was there already
+    assert _snapshot(outside) == before  # no file written there, not even a temporary one
 
 
 def test_a_folder_replaced_by_a_link_after_prep_is_neither_written_nor_emptied(
@@ -98,7 +144,206 @@ def test_a_folder_replaced_by_a_link_after_prep_is_neither_written_nor_emptied(
     assert removal and removal[0]["action"] == "keep" and "symbolic link" in removal[0]["reason"]
 
 
-# -- release and links -----------------------------------------------------------------------------------
+def _source_mtime_ns(remote: Remote, name: str) -> int:
+    if isinstance(remote, BlobRemote):
+        props = remote.client.get_blob_client(name).get_blob_properties()
+        return int(props.last_modified.timestamp()) * 1_000_000_000
+    assert isinstance(remote, LocalRemote)
+    return os.stat(remote.root / name).st_mtime_ns
+
+
+def stat_mode(st: os.stat_result) -> int:
+    return st.st_mode & 0o777
+
+
+def test_landed_files_carry_the_sources_time_and_are_writable_without_the_cache(remote: Remote,
+                                                                                  batch_node: BatchNode) -> None:
+    files = {"small.txt": b"small", "deep/er/mid.bin": os.urandom(300_000)}
+    if isinstance(remote, BlobRemote):
+        files["big.bin"] = os.urandom(17 * MIB)  # ranged
+    for name, data in files.items():
+        remote.put(name, data, blocks=len(data) > 4 * MIB)
+    env = batch_node.env(**remote_env(remote))
+    run(["prep", f"in={remote.url}", "--no-cache", "--progress-interval", "0"], env)
+    for name, data in files.items():
+        landed = batch_node.job_dir / "in" / name
+        assert landed.read_bytes() == data
+        st = os.stat(landed)
+        assert abs(st.st_mtime_ns - _source_mtime_ns(remote, name)) < 1000, name  # to the microsecond
+        assert stat_mode(st) == 0o644, name
+    run(["prep", f"in={remote.url}", "--job-id", "job-2", "--progress-interval", "0"], env)  # cached: read-only
+    assert {stat_mode(os.stat(batch_node.shared / "job-2" / "in" / n)) for n in files} == {0o444}
+
+
+def test_a_folder_or_a_file_in_the_way_ends_with_8_and_is_left_alone(remote: Remote, batch_node: BatchNode) -> None:
+    remote.put("x.txt", b"x")
+    remote.put("d/y.txt", b"y")
+    job_in = batch_node.job_dir / "in"
+    (job_in / "x.txt").mkdir(parents=True)  # a task made a folder where the source has a file
+    (job_in / "x.txt" / "kept").write_text("the task's")
+    (job_in / "d").write_text("a file where the source has a folder")
+    result = run(["prep", f"in={remote.url}", "--progress-interval", "0"], batch_node.env(**remote_env(remote)),
+                 ok=False)
+    assert result.exit_code == 8, result.output
+    assert ("is a folder where the source has a file" in result.stderr
+            or "is a file where nodekit needs a folder" in result.stderr)
+    assert (job_in / "x.txt" / "kept").read_text() == "the task's"
+    assert (job_in / "d").read_text() == "a file where the source has a folder"
+    assert not list(batch_node.job_dir.rglob("*.nodekit-partial"))
+    (job_in / "d").unlink()
+    result = run(["prep", f"in={remote.url}", "--progress-interval", "0"], batch_node.env(**remote_env(remote)),
+                 ok=False)
+    assert result.exit_code == 8 and "x.txt is a folder where the source has a file" in result.stderr, result.output
+    assert (job_in / "d" / "y.txt").read_bytes() == b"y"
+
+
+def test_a_large_ranged_blob_with_a_wrong_md5_fails_with_7_and_lands_nowhere(blob_remote: BlobRemote,
+                                                                               batch_node: BatchNode) -> None:
+    from azure.storage.blob import ContentSettings
+
+    data = os.urandom(17 * MIB)  # over 16 MiB: fetched as ranges, hashed as they complete
+    blob_remote.put("big.bin", data, blocks=True)
+    blob_remote.put("small.bin", b"small")
+    wrong = hashlib.md5(b"something else").digest()
+    blob_remote.client.get_blob_client("big.bin").set_http_headers(ContentSettings(content_md5=bytearray(wrong)))
+    result = run(["prep", f"in={blob_remote.url}", "--progress-interval", "0"],
+                 batch_node.env(**remote_env(blob_remote)), ok=False)
+    assert result.exit_code == 7, result.output
+    assert "does not match the source's Content-MD5" in result.stderr
+    assert not (batch_node.job_dir / "in" / "big.bin").exists()
+    assert not list(batch_node.job_dir.rglob("*.nodekit-partial"))
+    state = batch_node.job_dir / ".nodekit" / "state.json"
+    assert "big.bin" not in (state.read_text() if state.exists() else "")
+
+
+def test_a_download_larger_than_the_free_disk_is_refused_before_writing_anything(batch_node: BatchNode,
+                                                                                   tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "small.txt").write_text("small")
+    free = shutil.disk_usage(tmp_path).free
+    with open(src / "huge.bin", "wb") as fh:  # sparse: its size costs no disk
+        os.truncate(fh.fileno(), min(free + 64 * 1024**3, 15 * 1024**4))
+    rep_path = tmp_path / "r.json"
+    result = run(["prep", f"in={src}", "--report", str(rep_path)], batch_node.env(), ok=False)
+    assert result.exit_code == 8, result.output
+    assert "is free" in result.stderr and "the download needs" in result.stderr
+    written = [p for p in batch_node.job_dir.rglob("*") if p.is_file() and ".nodekit" not in p.parts]
+    assert written == []
+
+
+# -- prep: re-runs, removals, partial files of a killed run ------------------------------------------------
+def test_a_warm_rerun_reports_what_was_verified_when_each_file_landed(blob_remote: BlobRemote, batch_node: BatchNode,
+                                                                       tmp_path: Path) -> None:
+    blob_remote.put("a.txt", b"checked against its Content-MD5")
+    rep_path = tmp_path / "r.json"
+    env = batch_node.env(**remote_env(blob_remote))
+    for _ in range(2):
+        run(["prep", f"in={blob_remote.url}", "--report", str(rep_path), "--progress-interval", "0"], env)
+    files = report(rep_path)["files"]
+    assert [(f["action"], f["verified"], f["md5"]) for f in files] == [
+        ("skip", True, _md5(b"checked against its Content-MD5"))]
+
+
+def test_files_gone_from_the_source_are_removed_with_the_folders_they_emptied(remote: Remote,
+                                                                               batch_node: BatchNode) -> None:
+    for name in ("keep.txt", "gone/deep/er/a.txt", "gone/deep/b.txt", "half/c.txt"):
+        remote.put(name, name.encode())
+    env = batch_node.env(**remote_env(remote))
+    run(["prep", f"in={remote.url}", "--progress-interval", "0"], env)
+    job_in = batch_node.job_dir / "in"
+    (job_in / "half" / "task.out").write_text("a task's file")  # keeps its folder
+    for name in ("gone/deep/er/a.txt", "gone/deep/b.txt", "half/c.txt"):
+        remote.delete(name)
+    run(["prep", f"in={remote.url}", "--progress-interval", "0"], env)
+    assert sorted(p.relative_to(job_in).as_posix() for p in job_in.rglob("*")) == [
+        "half", "half/task.out", "keep.txt"]
+
+
+def test_partial_files_of_a_killed_run_are_swept_and_nothing_else(batch_node: BatchNode, outside: Path,
+                                                                  tmp_path: Path) -> None:
+    src = LocalRemote(tmp_path / "src")
+    src.put("a.txt", b"a")
+    src.put("deep/b.txt", b"b")
+    env = batch_node.env()
+    run(["prep", f"in={src.url}", "--progress-interval", "0"], env)
+    job = batch_node.job_dir
+    # what a run killed mid-download leaves: its marker and temporary files, in any folder
+    leftovers = [job / "in" / ".a.txt.nodekit-partial", job / "in" / "deep" / ".c.bin.nodekit-partial",
+                 job / ".x.nodekit-partial"]
+    for p in leftovers:
+        p.write_bytes(b"half a file")
+    (job / "in" / "task-output.txt").write_text("a task's file")
+    (job / "in" / "linked").symlink_to(outside / "folder")  # holds a partial-looking file of its own
+    (job / ".nodekit" / "running").touch()
+    (job / ".nodekit" / ".kept.nodekit-partial").write_text("nodekit's own folder is never swept")
+    before = _snapshot(outside)
+    rep_path = tmp_path / "r.json"
+    run(["prep", f"in={src.url}", "--progress-interval", "0", "--report", str(rep_path)], env)
+    assert [p for p in leftovers if p.exists()] == []
+    assert report(rep_path)["swept_partial_files"] == 3
+    assert (job / "in" / "task-output.txt").read_text() == "a task's file"
+    assert _snapshot(outside) == before
+    assert not (job / ".nodekit" / "running").exists()
+    assert (job / ".nodekit" / ".kept.nodekit-partial").exists()
+
+    # after a run that finished, a file of that shape is nobody's leftover: it stays
+    (job / "in" / ".mine.nodekit-partial").write_text("a task named it so")
+    run(["prep", f"in={src.url}", "--progress-interval", "0", "--report", str(rep_path)], env)
+    assert (job / "in" / ".mine.nodekit-partial").exists()
+    assert report(rep_path)["swept_partial_files"] == 0
+
+
+# -- the node cache's tamper check and repair --------------------------------------------------------------
+def test_the_cache_hands_out_only_objects_whose_stat_still_matches_and_repairs_leftovers(
+        batch_node: BatchNode, tmp_path: Path) -> None:
+    src = LocalRemote(tmp_path / "src")
+    data = {f"f{i}.bin": os.urandom(1000 + i) for i in range(4)}
+    for name, content in data.items():
+        src.put(name, content)
+    env = batch_node.env()
+
+    def prep(job: str) -> dict:
+        rep_path = tmp_path / f"{job}.json"
+        run(["prep", f"in={src.url}", "--job-id", job, "--report", str(rep_path), "--progress-interval", "0"], env)
+        assert tree(batch_node.shared / job) == {f"in/{k}": v for k, v in data.items()}, job
+        return report(rep_path)
+
+    prep("job-a")
+    cache = batch_node.shared / ".nodekit-cache"
+    index = cache / "index.jsonl"
+    objects = sorted(p for p in (cache / "objects").rglob("*") if p.is_file())
+    assert len(objects) == 4 and len(index.read_text().splitlines()) == 4
+    by_content = {p.read_bytes(): p for p in objects}
+    # what tasks and kills can leave: an object written into (same size, new time), one replaced by a
+    # file of the same size and time (a new inode), one gone, an object nobody recorded, a torn last
+    # line, a compaction's temporary file
+    touched, replaced, gone = (by_content[data[f"f{i}.bin"]] for i in range(3))
+    st = os.stat(touched)
+    os.chmod(touched, 0o644)
+    touched.write_bytes(b"X" * st.st_size)  # in place: the same inode and size, a new time
+    st = os.stat(replaced)
+    os.unlink(replaced)
+    replaced.write_bytes(b"Y" * st.st_size)
+    os.utime(replaced, ns=(st.st_atime_ns, st.st_mtime_ns))
+    gone.unlink()
+    orphan = cache / "objects" / "ff" / ("ff" + "0" * 62)
+    orphan.parent.mkdir(exist_ok=True)
+    orphan.write_bytes(b"never recorded")
+    with open(index, "a") as fh:
+        fh.write('{"k": "torn')
+    (cache / "index.jsonl.999.tmp").write_text("half a compaction")
+
+    second = prep("job-b")  # exactly the right bytes, three of them downloaded again
+    assert (second["downloaded"], second["from_cache"]) == (3, 1)
+    assert not orphan.exists() and not (cache / "index.jsonl.999.tmp").exists()
+    lines = [json.loads(line) for line in index.read_text().splitlines()]  # every line whole again
+    assert len({line["k"] for line in lines if "size" in line}) == 4
+    third = prep("job-c")  # the repaired cache serves everything
+    assert (third["downloaded"], third["from_cache"]) == (0, 4)
+
+
+# -- release: links, its own folder, the wipe's reserve ----------------------------------------------------
 @dataclass
 class SmallNode:
     """A release node with small logs and a small dump (quick to upload again and again)."""
@@ -178,7 +423,33 @@ def test_release_never_collects_a_log_or_dump_that_is_a_link(small_node: SmallNo
     assert report(rep_path)["dumps"] == ["job-1/task002/wd/core"]
 
 
-# -- release re-runs -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_wipe_target_holding_the_release_tasks_own_folder_is_refused_before_anything(
+        small_node: SmallNode, tmp_path: Path, dry_run: bool) -> None:
+    sn = small_node
+    own = sn.node.job_dir / "release-task"  # the release task's folder inside the job's shared folder
+    (own / "wd").mkdir(parents=True)
+    before = _snapshot(sn.node.root)
+    dest = tmp_path / "kept"
+    env = {**sn.env(), "AZ_BATCH_TASK_DIR": str(own), "AZ_BATCH_TASK_WORKING_DIR": str(own / "wd")}
+    result = run(["release", "--upload-to", str(dest), *(["--dry-run"] if dry_run else [])], env, ok=False)
+    assert result.exit_code == 6, result.output
+    assert "holds the release task's own folder" in result.stderr
+    assert not dest.exists() and _snapshot(sn.node.root) == before
+
+
+def test_a_short_deadline_keeps_back_a_fifth_for_the_wipe_and_no_more(small_node: SmallNode, tmp_path: Path) -> None:
+    """--deadline 10s: 2 s are kept for the wipe, 8 s are enough to keep a small job's logs and dump."""
+    sn = small_node
+    rep_path = tmp_path / "r.json"
+    run(["release", "--upload-to", str(tmp_path / "kept"), "--deadline", "10s", "--report", str(rep_path)], sn.env())
+    rep = report(rep_path)
+    assert rep["skipped"] == [] and rep["exit_code"] == 0
+    assert sorted(u["name"] for u in rep["uploaded"]) == ["dumps/job-1/task002/wd/core.gz", "logs.tar.gz"]
+    assert rep["wiped"] == [str(sn.node.job_dir)]
+
+
+# -- release re-runs ---------------------------------------------------------------------------------------
 def _objects(dest: Remote, prefix: str) -> dict[str, bytes]:
     if isinstance(dest, BlobRemote):
         return {b.name[len(prefix):]: dest.client.download_blob(b.name).readall()
@@ -258,7 +529,7 @@ def test_an_object_changed_in_storage_since_is_not_taken_as_kept(small_node: Sma
     assert archive.read_bytes() == b"damaged"
 
 
-# -- reading back what storage holds ---------------------------------------------------------------------
+# -- reading back what storage holds -----------------------------------------------------------------------
 @pytest.fixture
 def proxy(azurite: Azurite) -> Iterator[FaultProxy]:
     p = FaultProxy(azurite.port).start()
@@ -290,42 +561,7 @@ def test_storage_that_drops_the_content_md5_is_not_taken_as_verified_and_nothing
     assert not manifest.exists() or json.loads(manifest.download_blob().readall())["objects"] == {}
 
 
-# -- partial files of a killed run -----------------------------------------------------------------------
-def test_partial_files_of_a_killed_run_are_swept_and_nothing_else(batch_node: BatchNode, outside: Path,
-                                                                  tmp_path: Path) -> None:
-    src = LocalRemote(tmp_path / "src")
-    src.put("a.txt", b"a")
-    src.put("deep/b.txt", b"b")
-    env = batch_node.env()
-    run(["prep", f"in={src.url}", "--progress-interval", "0"], env)
-    job = batch_node.job_dir
-    # what a run killed mid-download leaves: its marker and temporary files, in any folder
-    leftovers = [job / "in" / ".a.txt.nodekit-partial", job / "in" / "deep" / ".c.bin.nodekit-partial",
-                 job / ".x.nodekit-partial"]
-    for p in leftovers:
-        p.write_bytes(b"half a file")
-    (job / "in" / "task-output.txt").write_text("a task's file")
-    (job / "in" / "linked").symlink_to(outside / "folder")  # holds a partial-looking file of its own
-    (job / ".nodekit" / "running").touch()
-    (job / ".nodekit" / ".kept.nodekit-partial").write_text("nodekit's own folder is never swept")
-    before = _snapshot(outside)
-    rep_path = tmp_path / "r.json"
-    run(["prep", f"in={src.url}", "--progress-interval", "0", "--report", str(rep_path)], env)
-    assert [p for p in leftovers if p.exists()] == []
-    assert report(rep_path)["swept_partial_files"] == 3
-    assert (job / "in" / "task-output.txt").read_text() == "a task's file"
-    assert _snapshot(outside) == before
-    assert not (job / ".nodekit" / "running").exists()
-    assert (job / ".nodekit" / ".kept.nodekit-partial").exists()
-
-    # after a run that finished, a file of that shape is nobody's leftover: it stays
-    (job / "in" / ".mine.nodekit-partial").write_text("a task named it so")
-    run(["prep", f"in={src.url}", "--progress-interval", "0", "--report", str(rep_path)], env)
-    assert (job / "in" / ".mine.nodekit-partial").exists()
-    assert report(rep_path)["swept_partial_files"] == 0
-
-
-# -- secrets in log lines --------------------------------------------------------------------------------
+# -- secrets -----------------------------------------------------------------------------------------------
 def _assert_absent(secrets: list[str], *texts: str) -> None:
     for secret in secrets:
         for text in texts:
@@ -358,92 +594,6 @@ def test_a_server_that_echoes_the_sas_gets_it_into_no_log_line_or_report(
     _assert_absent(secrets, result.stdout, result.stderr, prep_report.read_text() if prep_report.exists() else "")
 
 
-# -- a large blob whose Content-MD5 is wrong; a disk too small ---------------------------------------------
-def test_a_large_ranged_blob_with_a_wrong_md5_fails_with_7_and_lands_nowhere(blob_remote: BlobRemote,
-                                                                               batch_node: BatchNode) -> None:
-    from azure.storage.blob import ContentSettings
-
-    data = os.urandom(17 * MIB)  # over 16 MiB: fetched as ranges, hashed as they complete
-    blob_remote.put("big.bin", data, blocks=True)
-    blob_remote.put("small.bin", b"small")
-    wrong = hashlib.md5(b"something else").digest()
-    blob_remote.client.get_blob_client("big.bin").set_http_headers(ContentSettings(content_md5=bytearray(wrong)))
-    result = run(["prep", f"in={blob_remote.url}", "--progress-interval", "0"],
-                 batch_node.env(**remote_env(blob_remote)), ok=False)
-    assert result.exit_code == 7, result.output
-    assert "does not match the source's Content-MD5" in result.stderr
-    assert not (batch_node.job_dir / "in" / "big.bin").exists()
-    assert not list(batch_node.job_dir.rglob("*.nodekit-partial"))
-    state = batch_node.job_dir / ".nodekit" / "state.json"
-    assert "big.bin" not in (state.read_text() if state.exists() else "")
-
-
-def test_a_download_larger_than_the_free_disk_is_refused_before_writing_anything(batch_node: BatchNode,
-                                                                                   tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "small.txt").write_text("small")
-    free = shutil.disk_usage(tmp_path).free
-    with open(src / "huge.bin", "wb") as fh:  # sparse: its size costs no disk
-        os.truncate(fh.fileno(), min(free + 64 * 1024**3, 15 * 1024**4))
-    rep_path = tmp_path / "r.json"
-    result = run(["prep", f"in={src}", "--report", str(rep_path)], batch_node.env(), ok=False)
-    assert result.exit_code == 8, result.output
-    assert "is free" in result.stderr and "the download needs" in result.stderr
-    written = [p for p in batch_node.job_dir.rglob("*") if p.is_file() and ".nodekit" not in p.parts]
-    assert written == []
-
-
-# -- the path guard ---------------------------------------------------------------------------------------
-def test_a_relative_dest_is_taken_inside_the_shared_directory_and_may_not_leave_it(batch_node: BatchNode,
-                                                                                     tmp_path: Path) -> None:
-    src = LocalRemote(tmp_path / "src")
-    src.put("a.txt", b"a")
-    env = batch_node.env()
-    run(["prep", f"in={src.url}", "--dest", "elsewhere/job-x", "--progress-interval", "0"], env)
-    assert (batch_node.shared / "elsewhere" / "job-x" / "in" / "a.txt").read_bytes() == b"a"
-    run(["prep", f"in={src.url}", "--dest", str(batch_node.shared / "abs-job"), "--progress-interval", "0"], env)
-    assert (batch_node.shared / "abs-job" / "in" / "a.txt").read_bytes() == b"a"
-    before = _snapshot(tmp_path / "node")
-    for dest in ("../escaped", ".", str(tmp_path / "outside-dest"), "elsewhere/../.."):
-        result = run(["prep", f"in={src.url}", "--dest", dest], env, ok=False)
-        assert result.exit_code == 6, (dest, result.output)
-        assert "is not inside" in result.stderr, dest
-    assert _snapshot(tmp_path / "node") == before
-    assert not (tmp_path / "outside-dest").exists() and not (batch_node.root / "escaped").exists()
-
-
-@pytest.mark.parametrize(("shared", "message"), [
-    ("missing", "does not exist"),
-    ("a-file/shared", "does not exist"),
-    ("x" * 300, "cannot be used: File name too long"),
-    ("loop", "cannot be used"),
-    ("a-file", "is not a folder"),
-])
-def test_an_unusable_shared_directory_is_refused_with_exit_3(tmp_path: Path, shared: str, message: str) -> None:
-    (tmp_path / "a-file").write_text("a file")
-    (tmp_path / "loop").symlink_to(tmp_path / "loop2")
-    (tmp_path / "loop2").symlink_to(tmp_path / "loop")
-    src = LocalRemote(tmp_path / "src")
-    src.put("a.txt", b"a")
-    env = {"AZ_BATCH_NODE_SHARED_DIR": str(tmp_path / shared), "AZ_BATCH_JOB_ID": "j"}
-    result = run(["prep", f"in={src.url}"], env, ok=False)
-    assert result.exit_code == 3, result.output
-    assert message in result.stderr and result.stderr.count("Error:") == 1
-
-
-def test_a_short_deadline_keeps_back_a_fifth_for_the_wipe_and_no_more(small_node: SmallNode, tmp_path: Path) -> None:
-    """--deadline 10s: 2 s are kept for the wipe, 8 s are enough to keep a small job's logs and dump."""
-    sn = small_node
-    rep_path = tmp_path / "r.json"
-    run(["release", "--upload-to", str(tmp_path / "kept"), "--deadline", "10s", "--report", str(rep_path)], sn.env())
-    rep = report(rep_path)
-    assert rep["skipped"] == [] and rep["exit_code"] == 0
-    assert sorted(u["name"] for u in rep["uploaded"]) == ["dumps/job-1/task002/wd/core.gz", "logs.tar.gz"]
-    assert rep["wiped"] == [str(sn.node.job_dir)]
-
-
-# -- the scrubber, as a table -----------------------------------------------------------------------------
 def test_registered_secrets_are_scrubbed_whole_whatever_they_look_like() -> None:
     from nodekit.redact import register_secret, scrub
 
@@ -468,157 +618,3 @@ def test_urls_are_shown_without_query_or_user(url: str, shown: str) -> None:
     from nodekit.redact import display_url
 
     assert display_url(url) == shown
-
-
-# -- the landing of a file --------------------------------------------------------------------------------
-def _source_mtime_ns(remote: Remote, name: str) -> int:
-    if isinstance(remote, BlobRemote):
-        props = remote.client.get_blob_client(name).get_blob_properties()
-        return int(props.last_modified.timestamp()) * 1_000_000_000
-    assert isinstance(remote, LocalRemote)
-    return os.stat(remote.root / name).st_mtime_ns
-
-
-def test_landed_files_carry_the_sources_time_and_are_writable_without_the_cache(remote: Remote,
-                                                                                  batch_node: BatchNode) -> None:
-    files = {"small.txt": b"small", "deep/er/mid.bin": os.urandom(300_000)}
-    if isinstance(remote, BlobRemote):
-        files["big.bin"] = os.urandom(17 * MIB)  # ranged
-    for name, data in files.items():
-        remote.put(name, data, blocks=len(data) > 4 * MIB)
-    env = batch_node.env(**remote_env(remote))
-    run(["prep", f"in={remote.url}", "--no-cache", "--progress-interval", "0"], env)
-    for name, data in files.items():
-        landed = batch_node.job_dir / "in" / name
-        assert landed.read_bytes() == data
-        st = os.stat(landed)
-        assert abs(st.st_mtime_ns - _source_mtime_ns(remote, name)) < 1000, name  # to the microsecond
-        assert stat_mode(st) == 0o644, name
-    run(["prep", f"in={remote.url}", "--job-id", "job-2", "--progress-interval", "0"], env)  # cached: read-only
-    assert {stat_mode(os.stat(batch_node.shared / "job-2" / "in" / n)) for n in files} == {0o444}
-
-
-def stat_mode(st: os.stat_result) -> int:
-    return st.st_mode & 0o777
-
-
-def test_a_folder_or_a_file_in_the_way_ends_with_8_and_is_left_alone(remote: Remote, batch_node: BatchNode) -> None:
-    remote.put("x.txt", b"x")
-    remote.put("d/y.txt", b"y")
-    job_in = batch_node.job_dir / "in"
-    (job_in / "x.txt").mkdir(parents=True)  # a task made a folder where the source has a file
-    (job_in / "x.txt" / "kept").write_text("the task's")
-    (job_in / "d").write_text("a file where the source has a folder")
-    result = run(["prep", f"in={remote.url}", "--progress-interval", "0"], batch_node.env(**remote_env(remote)),
-                 ok=False)
-    assert result.exit_code == 8, result.output
-    assert ("is a folder where the source has a file" in result.stderr
-            or "is a file where nodekit needs a folder" in result.stderr)
-    assert (job_in / "x.txt" / "kept").read_text() == "the task's"
-    assert (job_in / "d").read_text() == "a file where the source has a folder"
-    assert not list(batch_node.job_dir.rglob("*.nodekit-partial"))
-    (job_in / "d").unlink()
-    result = run(["prep", f"in={remote.url}", "--progress-interval", "0"], batch_node.env(**remote_env(remote)),
-                 ok=False)
-    assert result.exit_code == 8 and "x.txt is a folder where the source has a file" in result.stderr, result.output
-    assert (job_in / "d" / "y.txt").read_bytes() == b"y"
-
-
-def test_a_warm_rerun_reports_what_was_verified_when_each_file_landed(blob_remote: BlobRemote, batch_node: BatchNode,
-                                                                       tmp_path: Path) -> None:
-    blob_remote.put("a.txt", b"checked against its Content-MD5")
-    rep_path = tmp_path / "r.json"
-    env = batch_node.env(**remote_env(blob_remote))
-    for _ in range(2):
-        run(["prep", f"in={blob_remote.url}", "--report", str(rep_path), "--progress-interval", "0"], env)
-    files = report(rep_path)["files"]
-    assert [(f["action"], f["verified"], f["md5"]) for f in files] == [
-        ("skip", True, _md5(b"checked against its Content-MD5"))]
-
-
-def test_files_gone_from_the_source_are_removed_with_the_folders_they_emptied(remote: Remote,
-                                                                               batch_node: BatchNode) -> None:
-    for name in ("keep.txt", "gone/deep/er/a.txt", "gone/deep/b.txt", "half/c.txt"):
-        remote.put(name, name.encode())
-    env = batch_node.env(**remote_env(remote))
-    run(["prep", f"in={remote.url}", "--progress-interval", "0"], env)
-    job_in = batch_node.job_dir / "in"
-    (job_in / "half" / "task.out").write_text("a task's file")  # keeps its folder
-    for name in ("gone/deep/er/a.txt", "gone/deep/b.txt", "half/c.txt"):
-        remote.delete(name)
-    run(["prep", f"in={remote.url}", "--progress-interval", "0"], env)
-    assert sorted(p.relative_to(job_in).as_posix() for p in job_in.rglob("*")) == [
-        "half", "half/task.out", "keep.txt"]
-
-
-@pytest.mark.parametrize("dry_run", [False, True])
-def test_a_wipe_target_holding_the_release_tasks_own_folder_is_refused_before_anything(
-        small_node: SmallNode, tmp_path: Path, dry_run: bool) -> None:
-    sn = small_node
-    own = sn.node.job_dir / "release-task"  # the release task's folder inside the job's shared folder
-    (own / "wd").mkdir(parents=True)
-    before = _snapshot(sn.node.root)
-    dest = tmp_path / "kept"
-    env = {**sn.env(), "AZ_BATCH_TASK_DIR": str(own), "AZ_BATCH_TASK_WORKING_DIR": str(own / "wd")}
-    result = run(["release", "--upload-to", str(dest), *(["--dry-run"] if dry_run else [])], env, ok=False)
-    assert result.exit_code == 6, result.output
-    assert "holds the release task's own folder" in result.stderr
-    assert not dest.exists() and _snapshot(sn.node.root) == before
-
-
-def test_a_missing_batch_variable_names_the_option_that_stands_in_for_it(tmp_path: Path) -> None:
-    src = LocalRemote(tmp_path / "src")
-    src.put("a.txt", b"a")
-    result = run(["prep", f"in={src.url}"], {"AZ_BATCH_JOB_ID": "j"}, ok=False)
-    assert result.exit_code == 3
-    assert result.stderr == ("Error: AZ_BATCH_NODE_SHARED_DIR is not set: run this on a Batch node, or pass "
-                             "--shared-dir for a local run.\n")
-
-
-# -- the node cache's tamper check and repair ---------------------------------------------------------------
-def test_the_cache_hands_out_only_objects_whose_stat_still_matches_and_repairs_leftovers(
-        batch_node: BatchNode, tmp_path: Path) -> None:
-    src = LocalRemote(tmp_path / "src")
-    data = {f"f{i}.bin": os.urandom(1000 + i) for i in range(4)}
-    for name, content in data.items():
-        src.put(name, content)
-    env = batch_node.env()
-
-    def prep(job: str) -> dict:
-        rep_path = tmp_path / f"{job}.json"
-        run(["prep", f"in={src.url}", "--job-id", job, "--report", str(rep_path), "--progress-interval", "0"], env)
-        assert tree(batch_node.shared / job) == {f"in/{k}": v for k, v in data.items()}, job
-        return report(rep_path)
-
-    prep("job-a")
-    cache = batch_node.shared / ".nodekit-cache"
-    index = cache / "index.jsonl"
-    objects = sorted(p for p in (cache / "objects").rglob("*") if p.is_file())
-    assert len(objects) == 4 and len(index.read_text().splitlines()) == 4
-    by_content = {p.read_bytes(): p for p in objects}
-    # what tasks and kills can leave: an object written into (same size, new time), one replaced by a
-    # file of the same size and time (a new inode), one gone, an object nobody recorded, a torn last
-    # line, a compaction's temporary file
-    touched, replaced, gone = (by_content[data[f"f{i}.bin"]] for i in range(3))
-    st = os.stat(touched)
-    os.chmod(touched, 0o644)
-    touched.write_bytes(b"X" * st.st_size)  # in place: the same inode and size, a new time
-    st = os.stat(replaced)
-    os.unlink(replaced)
-    replaced.write_bytes(b"Y" * st.st_size)
-    os.utime(replaced, ns=(st.st_atime_ns, st.st_mtime_ns))
-    gone.unlink()
-    orphan = cache / "objects" / "ff" / ("ff" + "0" * 62)
-    orphan.parent.mkdir(exist_ok=True)
-    orphan.write_bytes(b"never recorded")
-    with open(index, "a") as fh:
-        fh.write('{"k": "torn')
-    (cache / "index.jsonl.999.tmp").write_text("half a compaction")
-
-    second = prep("job-b")  # exactly the right bytes, three of them downloaded again
-    assert (second["downloaded"], second["from_cache"]) == (3, 1)
-    assert not orphan.exists() and not (cache / "index.jsonl.999.tmp").exists()
-    lines = [json.loads(line) for line in index.read_text().splitlines()]  # every line whole again
-    assert len({line["k"] for line in lines if "size" in line}) == 4
-    third = prep("job-c")  # the repaired cache serves everything
-    assert (third["downloaded"], third["from_cache"]) == (0, 4)
