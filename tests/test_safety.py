@@ -197,20 +197,25 @@ def test_a_folder_or_a_file_in_the_way_ends_with_8_and_is_left_alone(remote: Rem
     assert (job_in / "d" / "y.txt").read_bytes() == b"y"
 
 
-def test_a_large_ranged_blob_with_a_wrong_md5_fails_with_7_and_lands_nowhere(blob_remote: BlobRemote,
-                                                                               batch_node: BatchNode) -> None:
+def test_a_wrong_md5_is_fetched_again_a_bounded_number_of_times_then_fails_with_7_and_lands_nowhere(
+        proxy: FaultProxy, blob_remote: BlobRemote, batch_node: BatchNode) -> None:
     from azure.storage.blob import ContentSettings
 
-    data = os.urandom(17 * MIB)  # over 16 MiB: fetched as ranges, hashed as they complete
-    blob_remote.put("big.bin", data, blocks=True)
-    blob_remote.put("small.bin", b"small")
-    wrong = hashlib.md5(b"something else").digest()
-    blob_remote.client.get_blob_client("big.bin").set_http_headers(ContentSettings(content_md5=bytearray(wrong)))
-    result = run(["prep", f"in={blob_remote.url}", "--progress-interval", "0"],
-                 batch_node.env(**remote_env(blob_remote)), ok=False)
-    assert result.exit_code == 7, result.output
-    assert "does not match the source's Content-MD5" in result.stderr
-    assert not (batch_node.job_dir / "in" / "big.bin").exists()
+    sizes = {"big.bin": 17 * MIB, "small.bin": 9000}  # over 16 MiB: fetched as ranges, hashed as they complete
+    for name, size in sizes.items():
+        blob_remote.put(name, os.urandom(size), blocks=size > 4 * MIB)
+        wrong = bytearray(hashlib.md5(b"something else").digest())
+        blob_remote.client.get_blob_client(name).set_http_headers(ContentSettings(content_md5=wrong))
+    blob_remote.put("good.bin", b"good")
+    via = f"http://127.0.0.1:{proxy.port}/devstoreaccount1/{blob_remote.container}"
+    for name, size in sizes.items():  # one at a time: the first fatal error stops the rest of a run
+        result = run(["prep", f"in={via}", "--include", name, "--include", "good.bin", "--progress-interval", "0"],
+                     batch_node.env(**remote_env(blob_remote)), ok=False)
+        assert result.exit_code == 7, result.output
+        assert "does not match the source's Content-MD5" in result.stderr
+        served = proxy.bytes_by_path[f"/devstoreaccount1/{blob_remote.container}/{name}"]
+        assert 2 * size <= served <= 4 * size, (name, served / size)  # fetched again, but not forever
+        assert not (batch_node.job_dir / "in" / name).exists()
     assert not list(batch_node.job_dir.rglob("*.nodekit-partial"))
     state = batch_node.job_dir / ".nodekit" / "state.json"
     assert "big.bin" not in (state.read_text() if state.exists() else "")
@@ -341,6 +346,24 @@ def test_the_cache_hands_out_only_objects_whose_stat_still_matches_and_repairs_l
     assert len({line["k"] for line in lines if "size" in line}) == 4
     third = prep("job-c")  # the repaired cache serves everything
     assert (third["downloaded"], third["from_cache"]) == (0, 4)
+
+
+def test_a_cached_object_that_cannot_be_linked_into_place_is_copied(batch_node: BatchNode, tmp_path: Path) -> None:
+    src = LocalRemote(tmp_path / "src")
+    src.put("f.bin", b"the right bytes")
+    env = batch_node.env()
+    run(["prep", f"in={src.url}", "--progress-interval", "0"], env)
+    landed = batch_node.job_dir / "in" / "f.bin"
+    landed.unlink()
+    landed.write_bytes(b"a task's version")  # a new file (the cached object is untouched): to be repaired
+    (landed.parent / ".f.bin.nodekit-partial").write_text("in the way of the link")  # link(2) refuses: EEXIST
+    rep_path = tmp_path / "r.json"
+    run(["prep", f"in={src.url}", "--progress-interval", "0", "--report", str(rep_path)], env)
+    assert landed.read_bytes() == b"the right bytes"
+    entry = next(f for f in report(rep_path)["files"] if f["name"] == "in/f.bin")
+    assert entry["action"] == "download" and entry.get("from_cache") is True  # copied from the cache
+    assert os.stat(landed).st_nlink == 1  # a copy, not a link
+    assert not (landed.parent / ".f.bin.nodekit-partial").exists()
 
 
 # -- release: links, its own folder, the wipe's reserve ----------------------------------------------------
