@@ -60,6 +60,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -601,11 +602,13 @@ def main() -> None:
         return
     if args.list:
         bin_dir = ensure_tool()
+        WORK = Path(tempfile.mkdtemp(prefix="nodekit-mutation-list-"))  # never a running session's folder
         for n in names:
             t = TARGETS[n]
             ranges = function_lines(ROOT / t.module, t.functions) if t.functions else "whole module"
             _, _, count = prepare_session(n, t, ROOT, bin_dir, dict(os.environ), 60.0)
             print(f"{n}: {t.module} {ranges}: {count} mutants\n    tests: {' '.join(t.tests)}")
+        shutil.rmtree(WORK)
         return
 
     ensure_project()
