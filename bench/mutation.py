@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import importlib.util
 import json
 import os
 import re
@@ -585,7 +586,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.run_mutant:
         sys.exit(run_mutant(args.run_mutant, args.work))
-    global WORK
+    global WORK, TARGETS
     WORK = (args.work or WORK).resolve()
     names = args.only.split(",") if args.only else list(TARGETS)
     unknown = [n for n in names if n not in TARGETS]
@@ -630,6 +631,12 @@ def main() -> None:
     for tree in trees:
         copy_tree(tree, args.rev)
         check_copy_is_imported(tree, {**base_env, "PYTHONPATH": str(tree)})
+    if args.rev:  # that commit's table: its tests are the ones that exist there
+        spec = importlib.util.spec_from_file_location("mutation_at_rev", trees[0] / "bench" / "mutation.py")
+        assert spec is not None and spec.loader is not None
+        then = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(then)
+        TARGETS = then.TARGETS
     todo = list(names)  # taken one at a time by whichever copy is free
     todo_lock = threading.Lock()
 
