@@ -634,7 +634,7 @@ def main() -> None:
     if args.rev:  # that commit's table: its tests are the ones that exist there
         spec = importlib.util.spec_from_file_location("mutation_at_rev", trees[0] / "bench" / "mutation.py")
         assert spec is not None and spec.loader is not None
-        then = importlib.util.module_from_spec(spec)
+        then = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
         spec.loader.exec_module(then)
         TARGETS = then.TARGETS
     todo = list(names)  # taken one at a time by whichever copy is free
