@@ -9,10 +9,13 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import http.server
 import json
 import os
 import shutil
 import tarfile
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,6 +240,76 @@ def test_a_download_larger_than_the_free_disk_is_refused_before_writing_anything
     assert written == []
 
 
+@pytest.mark.parametrize("md5", ["all", "source"])
+def test_a_large_blob_is_fetched_once_in_ranges(proxy: FaultProxy, blob_remote: BlobRemote, batch_node: BatchNode,
+                                                  md5: str, tmp_path: Path) -> None:
+    data = os.urandom(40 * MIB)  # uploaded in blocks: no Content-MD5 to check against
+    blob_remote.put("big.bin", data, blocks=True)
+    via = f"http://127.0.0.1:{proxy.port}/devstoreaccount1/{blob_remote.container}"
+    rep_path = tmp_path / "r.json"
+    run(["prep", f"in={via}", "--md5", md5, "--report", str(rep_path), "--progress-interval", "0"],
+        batch_node.env(**remote_env(blob_remote)))
+    assert (batch_node.job_dir / "in" / "big.bin").read_bytes() == data
+    assert proxy.bytes_by_path[f"/devstoreaccount1/{blob_remote.container}/big.bin"] == len(data)  # once
+    entry = report(rep_path)["files"][0]
+    assert (entry["verified"], entry["md5"]) == (False, _md5(data) if md5 == "all" else None)
+
+
+def test_a_cached_file_with_a_folder_in_its_way_ends_with_8(batch_node: BatchNode, tmp_path: Path) -> None:
+    src = LocalRemote(tmp_path / "src")
+    src.put("x.txt", b"x")
+    env = batch_node.env()
+    run(["prep", f"in={src.url}", "--progress-interval", "0"], env)  # now in the node's cache
+    (batch_node.shared / "job-2" / "in" / "x.txt").mkdir(parents=True)
+    result = run(["prep", f"in={src.url}", "--job-id", "job-2", "--progress-interval", "0"], env, ok=False)
+    assert result.exit_code == 8, result.output
+    assert "x.txt is a folder where the source has a file" in result.stderr
+    assert "could not place in/x.txt from the cache" in result.stderr
+
+
+def test_names_too_long_for_the_disk_end_with_8(blob_remote: BlobRemote, batch_node: BatchNode) -> None:
+    for name in ("f" * 300 + "/x.txt", "n" * 300 + ".txt"):  # a blob name may be 1,024 characters; a file 255
+        blob_remote.put(name, b"x")
+        result = run(["prep", f"in={blob_remote.url}", "--progress-interval", "0"],
+                     batch_node.env(**remote_env(blob_remote)), ok=False)
+        assert result.exit_code == 8, result.output
+        assert "File name too long" in result.stderr and result.stderr.count("Error:") == 1
+        blob_remote.delete(name)
+
+
+class _NoDatesHandler(http.server.BaseHTTPRequestHandler):
+    """A server that says nothing about when its file changed (no Last-Modified, no ETag)."""
+
+    body = b"generated on request\n"
+
+    def do_HEAD(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        self.do_HEAD()
+        self.wfile.write(self.body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_url_without_a_modification_time_lands_with_the_time_of_its_download(batch_node: BatchNode) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoDatesHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        before = time.time_ns()
+        run(["prep", f"gen=http://127.0.0.1:{server.server_address[1]}/report.csv", "--progress-interval", "0"],
+            batch_node.env())
+    finally:
+        server.shutdown()
+        server.server_close()
+    landed = batch_node.job_dir / "gen" / "report.csv"
+    assert landed.read_bytes() == _NoDatesHandler.body
+    assert os.stat(landed).st_mtime_ns >= before - 1_000_000_000
+
+
 # -- prep: re-runs, removals, partial files of a killed run ------------------------------------------------
 def test_a_warm_rerun_reports_what_was_verified_when_each_file_landed(blob_remote: BlobRemote, batch_node: BatchNode,
                                                                        tmp_path: Path) -> None:
@@ -358,8 +431,9 @@ def test_a_cached_object_that_cannot_be_linked_into_place_is_copied(batch_node: 
     landed.write_bytes(b"a task's version")  # a new file (the cached object is untouched): to be repaired
     (landed.parent / ".f.bin.nodekit-partial").write_text("in the way of the link")  # link(2) refuses: EEXIST
     rep_path = tmp_path / "r.json"
-    run(["prep", f"in={src.url}", "--progress-interval", "0", "--report", str(rep_path)], env)
+    result = run(["-v", "prep", f"in={src.url}", "--progress-interval", "0", "--report", str(rep_path)], env)
     assert landed.read_bytes() == b"the right bytes"
+    assert "from the cache in/f.bin" in result.stdout and "downloaded in/f.bin" not in result.stdout
     entry = next(f for f in report(rep_path)["files"] if f["name"] == "in/f.bin")
     assert entry["action"] == "download" and entry.get("from_cache") is True  # copied from the cache
     assert os.stat(landed).st_nlink == 1  # a copy, not a link
