@@ -577,6 +577,19 @@ def report(outcomes: list[Outcome], wall: float, jobs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def targets_at(rev: str) -> dict[str, Target]:
+    """The table of targets as it was in commit `rev` (its tests are the ones that existed then)."""
+    text = _run(["git", "show", f"{rev}:bench/mutation.py"], cwd=ROOT, capture_output=True).stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "mutation_at_rev.py"
+        path.write_text(text, encoding="utf-8")
+        spec = importlib.util.spec_from_file_location("mutation_at_rev", path)
+        assert spec is not None and spec.loader is not None
+        then = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+        spec.loader.exec_module(then)
+    return {name: Target(t.module, tuple(t.tests), tuple(t.functions), t.note) for name, t in then.TARGETS.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="comma-separated target names (default: all)")
@@ -598,6 +611,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown target(s): {', '.join(unknown)}; known: {', '.join(TARGETS)}")
     if args.report_from:
+        if args.rev:
+            TARGETS = targets_at(args.rev)
         found = {}
         for folder in args.report_from:
             for n in names:
@@ -637,11 +652,7 @@ def main() -> None:
         copy_tree(tree, args.rev)
         check_copy_is_imported(tree, {**base_env, "PYTHONPATH": str(tree)})
     if args.rev:  # that commit's table: its tests are the ones that exist there
-        spec = importlib.util.spec_from_file_location("mutation_at_rev", trees[0] / "bench" / "mutation.py")
-        assert spec is not None and spec.loader is not None
-        then = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
-        spec.loader.exec_module(then)
-        TARGETS = then.TARGETS
+        TARGETS = targets_at(args.rev)
     todo = list(names)  # taken one at a time by whichever copy is free
     todo_lock = threading.Lock()
 
