@@ -12,7 +12,11 @@ import hashlib
 import http.server
 import json
 import os
+import resource
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -22,7 +26,7 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 import pytest
-from conftest import Azurite, BatchNode, BlobRemote, LocalRemote, Remote, remote_env, tree
+from conftest import ROOT, Azurite, BatchNode, BlobRemote, LocalRemote, Remote, remote_env, tree
 from faultproxy import FaultProxy, Rule
 from helpers import report, run
 
@@ -167,10 +171,13 @@ def test_landed_files_carry_the_sources_time_and_are_writable_without_the_cache(
     for name, data in files.items():
         remote.put(name, data, blocks=len(data) > 4 * MIB)
     env = batch_node.env(**remote_env(remote))
-    run(["prep", f"in={remote.url}", "--no-cache", "--progress-interval", "0"], env)
+    rep_path = batch_node.root / "r.json"
+    run(["prep", f"in={remote.url}", "--no-cache", "--progress-interval", "0", "--report", str(rep_path)], env)
+    recorded = {f["name"]: f["md5"] for f in report(rep_path)["files"]}
     for name, data in files.items():
         landed = batch_node.job_dir / "in" / name
         assert landed.read_bytes() == data
+        assert recorded[f"in/{name}"] == _md5(data), name
         st = os.stat(landed)
         assert abs(st.st_mtime_ns - _source_mtime_ns(remote, name)) < 1000, name  # to the microsecond
         assert stat_mode(st) == 0o644, name
@@ -184,6 +191,9 @@ def test_a_folder_or_a_file_in_the_way_ends_with_8_and_is_left_alone(remote: Rem
     job_in = batch_node.job_dir / "in"
     (job_in / "x.txt").mkdir(parents=True)  # a task made a folder where the source has a file
     (job_in / "x.txt" / "kept").write_text("the task's")
+    if isinstance(remote, BlobRemote):  # a large one too (fetched as ranges)
+        remote.put("big.bin", os.urandom(17 * MIB), blocks=True)
+        (job_in / "big.bin").mkdir()
     (job_in / "d").write_text("a file where the source has a folder")
     result = run(["prep", f"in={remote.url}", "--progress-interval", "0"], batch_node.env(**remote_env(remote)),
                  ok=False)
@@ -245,14 +255,18 @@ def test_a_large_blob_is_fetched_once_in_ranges(proxy: FaultProxy, blob_remote: 
                                                   md5: str, tmp_path: Path) -> None:
     data = os.urandom(40 * MIB)  # uploaded in blocks: no Content-MD5 to check against
     blob_remote.put("big.bin", data, blocks=True)
+    blob_remote.put("small.bin", b"small, with a Content-MD5")
     via = f"http://127.0.0.1:{proxy.port}/devstoreaccount1/{blob_remote.container}"
     rep_path = tmp_path / "r.json"
     run(["prep", f"in={via}", "--md5", md5, "--report", str(rep_path), "--progress-interval", "0"],
         batch_node.env(**remote_env(blob_remote)))
     assert (batch_node.job_dir / "in" / "big.bin").read_bytes() == data
-    assert proxy.bytes_by_path[f"/devstoreaccount1/{blob_remote.container}/big.bin"] == len(data)  # once
-    entry = report(rep_path)["files"][0]
-    assert (entry["verified"], entry["md5"]) == (False, _md5(data) if md5 == "all" else None)
+    for name, size in (("big.bin", len(data)), ("small.bin", 25)):
+        assert proxy.bytes_by_path[f"/devstoreaccount1/{blob_remote.container}/{name}"] == size, name  # once
+    entries = {f["name"]: f for f in report(rep_path)["files"]}
+    assert (entries["in/big.bin"]["verified"], entries["in/big.bin"]["md5"]) == (
+        False, _md5(data) if md5 == "all" else None)
+    assert entries["in/small.bin"]["verified"] is True and report(rep_path)["retries"] == 0
 
 
 def test_a_cached_file_with_a_folder_in_its_way_ends_with_8(batch_node: BatchNode, tmp_path: Path) -> None:
@@ -281,6 +295,7 @@ class _NoDatesHandler(http.server.BaseHTTPRequestHandler):
     """A server that says nothing about when its file changed (no Last-Modified, no ETag)."""
 
     body = b"generated on request\n"
+    gets = 0
 
     def do_HEAD(self) -> None:
         self.send_response(200)
@@ -288,6 +303,7 @@ class _NoDatesHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
     def do_GET(self) -> None:
+        type(self).gets += 1
         self.do_HEAD()
         self.wfile.write(self.body)
 
@@ -308,6 +324,38 @@ def test_a_url_without_a_modification_time_lands_with_the_time_of_its_download(b
     landed = batch_node.job_dir / "gen" / "report.csv"
     assert landed.read_bytes() == _NoDatesHandler.body
     assert os.stat(landed).st_mtime_ns >= before - 1_000_000_000
+    assert _NoDatesHandler.gets == 1  # fetched once, checked once
+
+
+def test_a_file_refused_once_on_the_fast_path_is_fetched_again_and_lands(proxy: FaultProxy, blob_remote: BlobRemote,
+                                                                          batch_node: BatchNode) -> None:
+    blob_remote.put("a.txt", b"once refused")
+    blob_remote.put("b.txt", b"never refused")
+    proxy.set_rules([Rule("503", pattern=r"/a\.txt$", max_count=1, retry_after=1)])
+    via = f"http://127.0.0.1:{proxy.port}/devstoreaccount1/{blob_remote.container}"
+    run(["prep", f"in={via}", "--progress-interval", "0"], batch_node.env(**remote_env(blob_remote)))
+    assert proxy.counts["503"] == 1
+    assert tree(batch_node.job_dir) == {"in/a.txt": b"once refused", "in/b.txt": b"never refused"}
+
+
+def test_a_write_refused_by_the_disk_ends_with_8_and_leaves_no_partial_file(batch_node: BatchNode,
+                                                                             tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "small.bin").write_bytes(os.urandom(300 * 1024))  # under 16 MiB: streamed in one piece
+
+    def limit_file_size() -> None:  # this process may not write a file past 100 KiB
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100 * 1024, 100 * 1024))
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AZ_BATCH_", "AZURE_", "NODEKIT_"))},
+           **batch_node.env()}
+    out = subprocess.run([sys.executable, "-m", "nodekit", "prep", f"in={src}", "--no-cache"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, preexec_fn=limit_file_size)
+    assert out.returncode == 8, out.stderr
+    assert "File too large" in out.stderr and out.stderr.count("Error:") == 1
+    assert not (batch_node.job_dir / "in" / "small.bin").exists()
+    assert not list(batch_node.job_dir.rglob("*.nodekit-partial"))
 
 
 # -- prep: re-runs, removals, partial files of a killed run ------------------------------------------------
@@ -433,7 +481,8 @@ def test_a_cached_object_that_cannot_be_linked_into_place_is_copied(batch_node: 
     rep_path = tmp_path / "r.json"
     result = run(["-v", "prep", f"in={src.url}", "--progress-interval", "0", "--report", str(rep_path)], env)
     assert landed.read_bytes() == b"the right bytes"
-    assert "from the cache in/f.bin" in result.stdout and "downloaded in/f.bin" not in result.stdout
+    assert "from the cache in/f.bin (15 B, unverified: the source has no checksum" in result.stdout
+    assert "downloaded in/f.bin" not in result.stdout
     entry = next(f for f in report(rep_path)["files"] if f["name"] == "in/f.bin")
     assert entry["action"] == "download" and entry.get("from_cache") is True  # copied from the cache
     assert os.stat(landed).st_nlink == 1  # a copy, not a link
