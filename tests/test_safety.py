@@ -435,7 +435,7 @@ def test_the_cache_hands_out_only_objects_whose_stat_still_matches_and_repairs_l
         assert tree(batch_node.shared / job) == {f"in/{k}": v for k, v in data.items()}, job
         return report(rep_path)
 
-    prep("job-a")
+    assert prep("job-a")["cache"]["added"] == 4
     cache = batch_node.shared / ".nodekit-cache"
     index = cache / "index.jsonl"
     objects = sorted(p for p in (cache / "objects").rglob("*") if p.is_file())
@@ -444,7 +444,7 @@ def test_the_cache_hands_out_only_objects_whose_stat_still_matches_and_repairs_l
     # what tasks and kills can leave: an object written into (same size, new time), one replaced by a
     # file of the same size and time (a new inode), one gone, an object nobody recorded, a torn last
     # line, a compaction's temporary file
-    touched, replaced, gone = (by_content[data[f"f{i}.bin"]] for i in range(3))
+    touched, replaced, gone, dropped = (by_content[data[f"f{i}.bin"]] for i in range(4))
     st = os.stat(touched)
     os.chmod(touched, 0o644)
     touched.write_bytes(b"X" * st.st_size)  # in place: the same inode and size, a new time
@@ -456,17 +456,27 @@ def test_the_cache_hands_out_only_objects_whose_stat_still_matches_and_repairs_l
     orphan = cache / "objects" / "ff" / ("ff" + "0" * 62)
     orphan.parent.mkdir(exist_ok=True)
     orphan.write_bytes(b"never recorded")
-    with open(index, "a") as fh:
-        fh.write('{"k": "torn')
+    with open(index, "a") as fh:  # lines that say nothing, then ones that still count: the last word wins
+        fh.write('{"k": "torn\n{}\n[1]\n"text"\n')
+        fh.write(json.dumps({"k": dropped.name, "drop": True}) + "\n")
+        fh.write(json.dumps({"k": dropped.name, "t": 1}) + "\n")  # a use after the drop: nothing to update
     (cache / "index.jsonl.999.tmp").write_text("half a compaction")
+    (cache / "objects" / "stray.txt").write_text("not an object folder")
+    outside_objects = tmp_path / "outside-objects"
+    outside_objects.mkdir()
+    (outside_objects / "precious").write_text("not the cache's")
+    (cache / "objects" / "zz").symlink_to(outside_objects)  # never followed, never emptied
 
-    second = prep("job-b")  # exactly the right bytes, three of them downloaded again
-    assert (second["downloaded"], second["from_cache"]) == (3, 1)
+    second = prep("job-b")  # exactly the right bytes, all four downloaded again
+    assert (second["downloaded"], second["from_cache"]) == (4, 0)
     assert not orphan.exists() and not (cache / "index.jsonl.999.tmp").exists()
+    assert (outside_objects / "precious").read_text() == "not the cache's"
     lines = [json.loads(line) for line in index.read_text().splitlines()]  # every line whole again
+    assert all(isinstance(line, dict) and "k" in line for line in lines)
     assert len({line["k"] for line in lines if "size" in line}) == 4
-    third = prep("job-c")  # the repaired cache serves everything
+    third = prep("job-c")  # the repaired cache serves everything, with the MD5 recorded when it was cached
     assert (third["downloaded"], third["from_cache"]) == (0, 4)
+    assert {f["name"]: f["md5"] for f in third["files"]} == {f"in/{k}": _md5(v) for k, v in data.items()}
 
 
 def test_a_cached_object_that_cannot_be_linked_into_place_is_copied(batch_node: BatchNode, tmp_path: Path) -> None:
