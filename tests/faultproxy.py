@@ -1,7 +1,7 @@
 """A fault-injecting HTTP/1.1 proxy for tests and benches: nodekit → proxy → Azurite, on loopback.
 
 Per request (matched by a regex on "METHOD /path"), with a probability and an optional cap on how
-many times, it can: answer 503 with Retry-After or 500, reset the connection after half (or N
+many times, it can: answer 503 with Retry-After, 500 or 404, reset the connection after half (or N
 bytes) of the response body, stall before the body past the client's read timeout, or slow the
 body to a bandwidth, drop a request header before forwarding (`strip`), or answer 403 with the
 request's target (query string and all) in its status line, error code and body (`echo`, as some
@@ -26,7 +26,7 @@ ERROR_BODY = b'<?xml version="1.0" encoding="utf-8"?><Error><Code>%s</Code><Mess
 
 @dataclass
 class Rule:
-    kind: str  # "503", "500", "reset", "stall", "slow", "strip", "echo"
+    kind: str  # "503", "500", "404", "reset", "stall", "slow", "strip", "echo"
     rate: float = 1.0
     pattern: str = ""
     max_count: int | None = None
@@ -133,9 +133,9 @@ class FaultProxy:
                     await self._error(writer, 503, "ServerBusy", retry_after=1)
                     continue
                 rule = self._fault(f"{method} {path}")
-                if rule is not None and rule.kind in ("503", "500"):
+                if rule is not None and rule.kind in ("503", "500", "404"):
                     self.counts[rule.kind] += 1
-                    code = "ServerBusy" if rule.kind == "503" else "InternalError"
+                    code = {"503": "ServerBusy", "500": "InternalError", "404": "BlobNotFound"}[rule.kind]
                     await self._error(writer, int(rule.kind), code, retry_after=rule.retry_after)
                     continue
                 if rule is not None and rule.kind == "echo":

@@ -605,6 +605,48 @@ def test_a_short_deadline_keeps_back_a_fifth_for_the_wipe_and_no_more(small_node
     assert rep["wiped"] == [str(sn.node.job_dir)]
 
 
+def test_release_takes_only_this_jobs_task_folders_and_what_is_there(small_node: SmallNode, tmp_path: Path) -> None:
+    sn = small_node
+    stray = sn.work.parent / "extra" / "task009"  # not a job-N folder: not this job's tasks
+    (stray / "wd").mkdir(parents=True)
+    (stray / "stdout.txt").write_text("not collected")
+    (sn.work.parent / "job-2").write_text("a file, not a folder")
+    (sn.work / "task002" / "stderr.txt").unlink()  # a task that wrote no stderr.txt
+    shutil.rmtree(sn.work / "task001" / "wd")
+    (sn.work / "task001" / "wd").write_text("a working folder that is a file")
+    shutil.rmtree(sn.node.job_dir)  # prep never ran on this node
+    rep_path = tmp_path / "r.json"
+    result = run(["release", "--upload-to", str(tmp_path / "kept"), "--wipe-task-dirs", "--report", str(rep_path)],
+                 sn.env())
+    assert result.stderr == ""  # nothing to warn about
+    names = _archive_names((tmp_path / "kept" / "job-1" / "tvm-1" / "logs.tar.gz").read_bytes())
+    assert names == ["job-1/jobpreparation/stderr.txt", "job-1/jobpreparation/stdout.txt",
+                     "job-1/task001/stderr.txt", "job-1/task001/stdout.txt", "job-1/task002/stdout.txt"]
+    rep = report(rep_path)
+    assert sorted(rep["wiped"]) == sorted(str(sn.work / t / "wd") for t in ("jobpreparation", "task001", "task002"))
+    assert (stray / "wd").is_dir() and (sn.work.parent / "job-2").is_file()
+    assert 0 <= rep["elapsed_s"] < 60
+
+
+def test_a_dry_run_lists_every_log_and_dump_and_what_it_would_delete(small_node: SmallNode, tmp_path: Path) -> None:
+    sn = small_node
+    result = run(["release", "--upload-to", str(tmp_path / "kept"), "--dry-run"], sn.env())
+    lines = result.stdout.splitlines()
+    uploads = [line for line in lines if line.startswith("[DRY RUN] upload   job-1/tvm-1/logs.tar.gz <- ")]
+    assert len(uploads) == 6  # stdout and stderr of three tasks
+    assert any(line.startswith("[DRY RUN] upload   job-1/tvm-1/dumps/job-1/task002/wd/core.gz <- ") for line in lines)
+    assert f"[DRY RUN] delete   {sn.node.job_dir}" in lines
+    assert not (tmp_path / "kept").exists() and sn.node.job_dir.exists()
+
+
+def test_release_without_a_task_working_folder_keeps_its_scratch_elsewhere(small_node: SmallNode,
+                                                                          tmp_path: Path) -> None:
+    env = {k: v for k, v in small_node.env().items() if k != "AZ_BATCH_TASK_WORKING_DIR"}
+    run(["release", "--upload-to", str(tmp_path / "kept")], env)
+    assert (tmp_path / "kept" / "job-1" / "tvm-1" / "logs.tar.gz").exists()
+    assert not small_node.node.job_dir.exists()
+
+
 # -- release re-runs ---------------------------------------------------------------------------------------
 def _objects(dest: Remote, prefix: str) -> dict[str, bytes]:
     if isinstance(dest, BlobRemote):
@@ -670,6 +712,14 @@ def test_a_rerun_never_overwrites_what_an_earlier_run_kept(destination: Remote, 
                                                                           "logs-2.tar.gz"]
     assert json.loads(third["manifest.json"])["objects"] == manifest["objects"]
 
+    # logs changed once more: a third name, the two earlier archives untouched
+    with open(sn.work / "task001" / "stdout.txt", "a") as fh:
+        fh.write("and again\n")
+    run(args, env)
+    fourth = _objects(destination, "job-1/tvm-1/")
+    assert sorted(n for n in fourth if n.startswith("logs")) == ["logs-2.tar.gz", "logs-3.tar.gz", "logs.tar.gz"]
+    assert (fourth["logs.tar.gz"], fourth["logs-2.tar.gz"]) == (first["logs.tar.gz"], second["logs-2.tar.gz"])
+
 
 def test_an_object_changed_in_storage_since_is_not_taken_as_kept(small_node: SmallNode, tmp_path: Path) -> None:
     sn = small_node
@@ -677,12 +727,45 @@ def test_an_object_changed_in_storage_since_is_not_taken_as_kept(small_node: Sma
     args = ["release", "--upload-to", dest.url]
     run(args, sn.env())
     archive = dest.root / "job-1" / "tvm-1" / "logs.tar.gz"
-    archive.write_bytes(b"damaged")  # storage no longer holds what the manifest recorded
+    damaged = bytes(len(archive.read_bytes()))  # same size, other bytes: storage no longer holds what was kept
+    archive.write_bytes(damaged)
     rep_path = tmp_path / "r.json"
     run([*args, "--report", str(rep_path)], sn.env())
     rep = report(rep_path)
     assert [u["name"] for u in rep["uploaded"]] == ["logs-2.tar.gz"]  # kept again, under a free name
-    assert archive.read_bytes() == b"damaged"
+    assert archive.read_bytes() == damaged
+    run([*args, "--report", str(rep_path)], sn.env())  # again: the damaged one is passed over, not the good one
+    assert report(rep_path)["uploaded"] == []
+    assert sorted(a["name"] for a in report(rep_path)["already_uploaded"]) == [
+        "dumps/job-1/task002/wd/core.gz", "logs-2.tar.gz"]
+    (dest.root / "job-1" / "tvm-1" / "logs-2.tar.gz").unlink()  # and gone from storage: kept once more
+    archive.unlink()
+    run([*args, "--report", str(rep_path)], sn.env())
+    assert [u["name"] for u in report(rep_path)["uploaded"]] == ["logs-3.tar.gz"]
+
+
+def test_a_manifest_that_is_not_json_is_rewritten(small_node: SmallNode, tmp_path: Path) -> None:
+    kept = tmp_path / "kept" / "job-1" / "tvm-1"
+    kept.mkdir(parents=True)
+    (kept / "manifest.json").write_text("{not json")
+    result = run(["release", "--upload-to", str(tmp_path / "kept")], small_node.env())
+    assert "not valid JSON" in result.stderr
+    manifest = json.loads((kept / "manifest.json").read_text())
+    assert manifest["complete"] is True
+    assert sorted(manifest["objects"]) == ["dumps/job-1/task002/wd/core.gz", "logs.tar.gz"]
+
+
+def test_every_dump_already_kept_is_recognised(small_node: SmallNode, tmp_path: Path) -> None:
+    sn = small_node
+    (sn.work / "task001" / "wd" / "core.7").write_bytes(bytes(MIB))
+    args = ["release", "--upload-to", str(tmp_path / "kept")]
+    run(args, sn.env())
+    rep_path = tmp_path / "r.json"
+    run([*args, "--report", str(rep_path)], sn.env())
+    rep = report(rep_path)
+    assert rep["uploaded"] == []
+    assert sorted(a["name"] for a in rep["already_uploaded"]) == [
+        "dumps/job-1/task001/wd/core.7.gz", "dumps/job-1/task002/wd/core.gz", "logs.tar.gz"]
 
 
 # -- reading back what storage holds -----------------------------------------------------------------------
@@ -713,8 +796,36 @@ def test_storage_that_drops_the_content_md5_is_not_taken_as_verified_and_nothing
     rep = report(rep_path)
     assert rep["uploaded"] == [] and rep["already_uploaded"] == [] and rep["wiped"] == []
     assert tree(sn.node.job_dir) == before and (sn.work / "task001" / "wd" / "app.log").exists()
+    assert [k["path"] for k in rep["kept"]] == [str(sn.node.job_dir)] + [
+        str(sn.work / t / "wd") for t in ("jobpreparation", "task001", "task002")]
+    assert all(k["why"].startswith("the upload failed: nothing wiped") for k in rep["kept"])
     manifest = blob_remote.client.get_blob_client("job-1/tvm-1/manifest.json")
     assert not manifest.exists() or json.loads(manifest.download_blob().readall())["objects"] == {}
+
+
+def test_an_object_storage_cannot_find_right_after_its_upload_is_not_kept(
+        proxy: FaultProxy, blob_remote: BlobRemote, small_node: SmallNode, tmp_path: Path) -> None:
+    proxy.set_rules([Rule("404", pattern=r"^HEAD .*/logs\.tar\.gz$")])
+    via = f"http://127.0.0.1:{proxy.port}/devstoreaccount1/{blob_remote.container}"
+    result = run(["release", "--upload-to", via], small_node.env(**remote_env(blob_remote)), ok=False)
+    assert result.exit_code == 9, result.output
+    assert "does not match what was uploaded" in result.stderr
+    assert small_node.node.job_dir.exists()
+
+
+def test_a_dump_that_does_not_read_back_leaves_an_incomplete_manifest_and_no_wipe(
+        proxy: FaultProxy, blob_remote: BlobRemote, small_node: SmallNode, tmp_path: Path) -> None:
+    proxy.set_rules([Rule("strip", pattern=r"/dumps/", header="x-ms-blob-content-md5")])
+    via = f"http://127.0.0.1:{proxy.port}/devstoreaccount1/{blob_remote.container}"
+    rep_path = tmp_path / "r.json"
+    result = run(["release", "--upload-to", via, "--report", str(rep_path)],
+                 small_node.env(**remote_env(blob_remote)), ok=False)
+    assert result.exit_code == 5, result.output  # kept in part
+    rep = report(rep_path)
+    assert [u["name"] for u in rep["uploaded"]] == ["logs.tar.gz"] and rep["wiped"] == []
+    manifest = json.loads(blob_remote.client.download_blob("job-1/tvm-1/manifest.json").readall())
+    assert manifest["complete"] is False and sorted(manifest["objects"]) == ["logs.tar.gz"]
+    assert small_node.node.job_dir.exists()
 
 
 # -- secrets -----------------------------------------------------------------------------------------------
