@@ -103,6 +103,7 @@ TARGETS: dict[str, Target] = {
         "nodekit/batchenv.py",
         note="the path guard: the job's folders, ensure_inside",
         tests=(
+            S + "test_a_missing_batch_variable_names_the_option_that_stands_in_for_it",
             S + "test_an_unusable_shared_directory_is_refused_with_exit_3",
             S + "test_a_relative_dest_is_taken_inside_the_shared_directory_and_may_not_leave_it",
             S + "test_release_wipes_links_but_never_follows_them",
