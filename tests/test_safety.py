@@ -131,6 +131,7 @@ def test_a_folder_replaced_by_a_link_after_prep_is_neither_written_nor_emptied(
         remote: Remote, batch_node: BatchNode, outside: Path, tmp_path: Path) -> None:
     remote.put("sub/a.txt", b"version 1")
     remote.put("sub/old.txt", b"old one")
+    remote.put("zz.txt", b"removed after the one left alone")
     env = batch_node.env(**remote_env(remote))
     run(["prep", f"in={remote.url}", "--progress-interval", "0"], env)
     sub = batch_node.job_dir / "in" / "sub"
@@ -141,6 +142,7 @@ def test_a_folder_replaced_by_a_link_after_prep_is_neither_written_nor_emptied(
     shutil.rmtree(sub)
     sub.symlink_to(outside / "folder")
     before = _snapshot(outside)
+    remote.delete("zz.txt")
     remote.delete("sub/old.txt")  # prep would remove it...
     remote.put("sub/a.txt", b"version 2, longer")  # ...and download this one again
     rep_path = tmp_path / "r.json"
@@ -149,6 +151,7 @@ def test_a_folder_replaced_by_a_link_after_prep_is_neither_written_nor_emptied(
     assert _snapshot(outside) == before
     removal = [f for f in report(rep_path)["files"] if f["name"] == "in/sub/old.txt"]
     assert removal and removal[0]["action"] == "keep" and "symbolic link" in removal[0]["reason"]
+    assert not (batch_node.job_dir / "in" / "zz.txt").exists()  # the removals after it went on
 
 
 def _source_mtime_ns(remote: Remote, name: str) -> int:
@@ -373,13 +376,14 @@ def test_a_warm_rerun_reports_what_was_verified_when_each_file_landed(blob_remot
 
 def test_files_gone_from_the_source_are_removed_with_the_folders_they_emptied(remote: Remote,
                                                                                batch_node: BatchNode) -> None:
-    for name in ("keep.txt", "gone/deep/er/a.txt", "gone/deep/b.txt", "half/c.txt"):
+    for name in ("keep.txt", "a-deleted-by-a-task.txt", "gone/deep/er/a.txt", "gone/deep/b.txt", "half/c.txt"):
         remote.put(name, name.encode())
     env = batch_node.env(**remote_env(remote))
     run(["prep", f"in={remote.url}", "--progress-interval", "0"], env)
     job_in = batch_node.job_dir / "in"
     (job_in / "half" / "task.out").write_text("a task's file")  # keeps its folder
-    for name in ("gone/deep/er/a.txt", "gone/deep/b.txt", "half/c.txt"):
+    (job_in / "a-deleted-by-a-task.txt").unlink()  # gone on both sides: only its record goes
+    for name in ("a-deleted-by-a-task.txt", "gone/deep/er/a.txt", "gone/deep/b.txt", "half/c.txt"):
         remote.delete(name)
     run(["prep", f"in={remote.url}", "--progress-interval", "0"], env)
     assert sorted(p.relative_to(job_in).as_posix() for p in job_in.rglob("*")) == [
