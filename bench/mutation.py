@@ -213,6 +213,8 @@ TARGETS: dict[str, Target] = {
                    "NodeCache.repair"),
         tests=(
             S + "test_the_cache_hands_out_only_objects_whose_stat_still_matches_and_repairs_leftovers",
+            S + "test_the_cache_index_is_rewritten_when_a_repair_or_its_history_calls_for_it_and_only_then",
+            S + "test_landed_files_carry_the_sources_time_and_are_writable_without_the_cache",
             "tests/test_cache.py::test_a_task_writing_into_an_input_does_not_change_what_the_next_job_gets",
             "tests/test_cache.py::test_files_placed_from_the_cache_but_not_recorded_are_taken_as_they_are",
             "tests/test_cache.py::test_second_job_with_90_percent_in_common_downloads_only_the_rest",

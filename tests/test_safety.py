@@ -503,6 +503,45 @@ def test_a_cached_object_that_cannot_be_linked_into_place_is_copied(batch_node: 
     assert not (landed.parent / ".f.bin.nodekit-partial").exists()
 
 
+def test_the_cache_index_is_rewritten_when_a_repair_or_its_history_calls_for_it_and_only_then(
+        batch_node: BatchNode, tmp_path: Path) -> None:
+    src = LocalRemote(tmp_path / "src")
+    for i in range(4):
+        src.put(f"f{i}.bin", os.urandom(100 + i))
+    env = batch_node.env()
+    cache = batch_node.shared / ".nodekit-cache"
+    index = cache / "index.jsonl"
+
+    def prep(job: str) -> str:
+        result = run(["prep", f"in={src.url}", "--job-id", job, "--progress-interval", "0"], env)
+        assert len(tree(batch_node.shared / job)) == 4
+        return result.stdout
+
+    def lines() -> int:
+        return len(index.read_text().splitlines())
+
+    prep("job-a")
+    first = index.read_text()
+    prep("job-b")  # four uses, appended: nothing to repair, nothing rewritten
+    assert index.read_text().startswith(first) and lines() == 8
+    (cache / "index.jsonl.7.tmp").write_text("a compaction cut short")
+    assert "cache: repaired 1 leftover(s) of an interrupted run" in prep("job-c")
+    assert lines() == 4 + 4  # rewritten as its four live records, then job-c's uses
+    orphan = cache / "objects" / "ee" / ("ee" + "1" * 62)
+    orphan.parent.mkdir(exist_ok=True)
+    orphan.write_bytes(b"linked but never recorded")
+    prep("job-d")
+    assert lines() == 4 + 4 and not orphan.exists()
+    objects = sorted(p for p in (cache / "objects").rglob("*") if p.is_file())
+    objects[0].unlink()  # recorded, but gone
+    prep("job-e")
+    assert lines() == 3 + 3 + 1  # three live records; three uses; the one downloaded again, recorded
+    with open(index, "a") as fh:  # mostly history: a thousand and more uses of four objects
+        fh.writelines(json.dumps({"k": objects[1].name, "t": n}) + "\n" for n in range(1100))
+    prep("job-f")
+    assert lines() == 4 + 4
+
+
 # -- release: links, its own folder, the wipe's reserve ----------------------------------------------------
 @dataclass
 class SmallNode:
