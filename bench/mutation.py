@@ -552,14 +552,13 @@ def stop_leftovers(marker: str) -> None:
                 pass
 
 
-def report(outcomes: list[Outcome], wall: float, jobs: int) -> str:
+def report(outcomes: list[Outcome], how: str) -> str:
     killed = sum(o.killed for o in outcomes)
     total = sum(o.total for o in outcomes)
     lines = [
         "# Mutation testing of nodekit's safety-critical code",
         "",
-        f"`python3 bench/mutation.py` ({TOOL}; {jobs} target(s) at a time under `nice -n 19`) on "
-        f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}: wall time {wall / 60:.1f} min.",
+        how,
         "",
         "| target | module | mutants | killed | survived (no test reaches it) | score | timeouts (counted killed) "
         "| minutes (coverage + mutants) |",
@@ -632,7 +631,11 @@ def main() -> None:
                 if (folder / n / "outcome.json").exists():
                     data = json.loads((folder / n / "outcome.json").read_text(encoding="utf-8"))
                     found[n] = Outcome(target=TARGETS[n], **data)
-        args.out.write_text(report([found[n] for n in names if n in found], 0.0, 0), encoding="utf-8")
+        folders = ", ".join(str(f) for f in args.report_from)
+        how = (f"Assembled with `--report-from` from the outcomes saved in {folders}"
+               f"{f' (commit {args.rev})' if args.rev else ''}, {TOOL}, on {os.cpu_count()} cores; "
+               f"the minutes are each target's own.")
+        args.out.write_text(report([found[n] for n in names if n in found], how), encoding="utf-8")
         return
     if args.list:
         bin_dir = ensure_tool()
@@ -691,7 +694,10 @@ def main() -> None:
     finally:
         stop_leftovers(marker)
     wall = time.monotonic() - began
-    text = report([outcomes[n] for n in names if n in outcomes], wall, jobs)
+    how = (f"`python3 bench/mutation.py{' --rev ' + args.rev if args.rev else ''}` ({TOOL}; {jobs} target(s) at a "
+           f"time under `nice -n 19`) on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}: wall time "
+           f"{wall / 60:.1f} min.")
+    text = report([outcomes[n] for n in names if n in outcomes], how)
     args.out.write_text(text, encoding="utf-8")
     log(f"done in {wall / 60:.1f} min: {args.out}")
 
