@@ -131,6 +131,8 @@ TARGETS: dict[str, Target] = {
             S + "test_a_dry_run_lists_every_log_and_dump_and_what_it_would_delete",
             S + "test_release_without_a_task_working_folder_keeps_its_scratch_elsewhere",
             S + "test_a_manifest_that_is_not_json_is_rewritten",
+            S + "test_a_node_id_that_cannot_name_a_folder_in_storage_is_refused",
+            S + "test_a_manifest_of_another_node_in_this_nodes_folder_is_not_trusted",
             S + "test_every_dump_already_kept_is_recognised",
             S + "test_an_object_storage_cannot_find_right_after_its_upload_is_not_kept",
             S + "test_a_dump_that_does_not_read_back_leaves_an_incomplete_manifest_and_no_wipe",

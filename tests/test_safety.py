@@ -606,6 +606,7 @@ def test_release_never_collects_a_log_or_dump_that_is_a_link(small_node: SmallNo
     (sn.work / "task001" / "wd" / "linked.log").symlink_to(outside / "secret.txt")
     (sn.work / "task001" / "wd" / "core.42").symlink_to(outside / "secret.txt")
     (sn.work / "task001" / "wd" / "logs").symlink_to(outside / "folder")  # a folder of "logs" elsewhere
+    (sn.work / "task001" / "wd" / "zz.log").write_text("a log after the links")
     dest = tmp_path / "kept"
     rep_path = tmp_path / "r.json"
     run(["release", "--upload-to", str(dest), "--logs", "**/*.log", "--logs", "**/*.txt", "--report",
@@ -613,8 +614,8 @@ def test_release_never_collects_a_log_or_dump_that_is_a_link(small_node: SmallNo
     kept = dest / "job-1" / "tvm-1"
     names = _archive_names((kept / "logs.tar.gz").read_bytes())
     assert names == ["job-1/jobpreparation/stderr.txt", "job-1/jobpreparation/stdout.txt",
-                     "job-1/task001/stderr.txt", "job-1/task001/wd/app.log", "job-1/task002/stderr.txt",
-                     "job-1/task002/stdout.txt"]
+                     "job-1/task001/stderr.txt", "job-1/task001/wd/app.log", "job-1/task001/wd/zz.log",
+                     "job-1/task002/stderr.txt", "job-1/task002/stdout.txt"]
     assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()) == [
         "dumps/job-1/task002/wd/core.gz", "logs.tar.gz", "manifest.json"]
     assert b"precious" not in b"".join(p.read_bytes() for p in kept.rglob("*") if p.is_file() and p.suffix != ".gz")
@@ -680,6 +681,30 @@ def test_a_dry_run_lists_every_log_and_dump_and_what_it_would_delete(small_node:
     assert any(line.startswith("[DRY RUN] upload   job-1/tvm-1/dumps/job-1/task002/wd/core.gz <- ") for line in lines)
     assert f"[DRY RUN] delete   {sn.node.job_dir}" in lines
     assert not (tmp_path / "kept").exists() and sn.node.job_dir.exists()
+
+
+@pytest.mark.parametrize("node_id", ["..", "a/b", "tvm/../x"])
+def test_a_node_id_that_cannot_name_a_folder_in_storage_is_refused(small_node: SmallNode, tmp_path: Path,
+                                                                     node_id: str) -> None:
+    before = _snapshot(small_node.node.root)
+    result = run(["release", "--upload-to", str(tmp_path / "kept"), "--node-id", node_id], small_node.env(), ok=False)
+    assert result.exit_code == 6, result.output
+    assert "cannot be used in a blob name" in result.stderr
+    assert _snapshot(small_node.node.root) == before and not (tmp_path / "kept").exists()
+
+
+def test_a_manifest_of_another_node_in_this_nodes_folder_is_not_trusted(small_node: SmallNode, tmp_path: Path) -> None:
+    kept = tmp_path / "kept" / "job-1" / "tvm-1"
+    kept.mkdir(parents=True)
+    entry = {"size": 1, "md5": "x", "kind": "logs", "source": {}}
+    (kept / "manifest.json").write_text(json.dumps({"job_id": "job-1", "node_id": "tvm-9", "complete": True,
+                                                    "objects": {"logs.tar.gz": entry}}))
+    rep_path = tmp_path / "r.json"
+    run(["release", "--upload-to", str(tmp_path / "kept"), "--report", str(rep_path)], small_node.env())
+    assert sorted(u["name"] for u in report(rep_path)["uploaded"]) == ["dumps/job-1/task002/wd/core.gz",
+                                                                       "logs.tar.gz"]
+    manifest = json.loads((kept / "manifest.json").read_text())
+    assert manifest["node_id"] == "tvm-1" and manifest["objects"]["logs.tar.gz"]["size"] > 1
 
 
 def test_release_without_a_task_working_folder_keeps_its_scratch_elsewhere(small_node: SmallNode,
@@ -842,6 +867,10 @@ def test_storage_that_drops_the_content_md5_is_not_taken_as_verified_and_nothing
     assert [k["path"] for k in rep["kept"]] == [str(sn.node.job_dir)] + [
         str(sn.work / t / "wd") for t in ("jobpreparation", "task001", "task002")]
     assert all(k["why"].startswith("the upload failed: nothing wiped") for k in rep["kept"])
+    result = run(["release", "--upload-to", via, "--wipe-on-upload-failure", "--report", str(rep_path)],
+                 sn.env(**remote_env(blob_remote)), ok=False)  # a retention policy first: wiped, and said so
+    assert "wiping although the upload failed (--wipe-on-upload-failure)" in result.stderr
+    assert not sn.node.job_dir.exists() and report(rep_path)["wiped"][0] == str(sn.node.job_dir)
     manifest = blob_remote.client.get_blob_client("job-1/tvm-1/manifest.json")
     assert not manifest.exists() or json.loads(manifest.download_blob().readall())["objects"] == {}
 
