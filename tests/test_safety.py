@@ -649,6 +649,26 @@ def test_a_short_deadline_keeps_back_a_fifth_for_the_wipe_and_no_more(small_node
     assert rep["wiped"] == [str(sn.node.job_dir)]
 
 
+def test_a_dump_that_would_fit_the_deadline_but_not_before_the_wipes_reserve_is_skipped(small_node: SmallNode,
+                                                                                       tmp_path: Path) -> None:
+    """--deadline 2s keeps 0.4 s for the wipe: a dump estimated at 2 s (100 MiB at the assumed 50 MiB/s,
+    before any upload was measured) is skipped, and said so, rather than eating into the reserve."""
+    sn = small_node
+    (sn.work / "task002" / "wd" / "core").unlink()
+    with open(sn.work / "task001" / "wd" / "core", "wb") as fh:
+        os.truncate(fh.fileno(), 100 * MIB)  # sparse: costs no disk
+    rep_path = tmp_path / "r.json"
+    started = time.monotonic()
+    result = run(["release", "--upload-to", str(tmp_path / "kept"), "--deadline", "2s", "--report", str(rep_path)],
+                 sn.env(), ok=False)
+    assert time.monotonic() - started < 2
+    assert result.exit_code == 5, result.output
+    rep = report(rep_path)
+    assert [(s["name"], s["why"][:36]) for s in rep["skipped"]] == [
+        ("dumps/job-1/task001/wd/core.gz", "would take about 2 s at 50.0 MiB/s; ")]
+    assert [u["name"] for u in rep["uploaded"]] == ["logs.tar.gz"] and rep["wiped"] == []
+
+
 def test_release_takes_only_this_jobs_task_folders_and_what_is_there(small_node: SmallNode, tmp_path: Path) -> None:
     sn = small_node
     stray = sn.work.parent / "extra" / "task009"  # not a job-N folder: not this job's tasks
