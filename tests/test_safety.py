@@ -524,17 +524,19 @@ def test_the_cache_index_is_rewritten_when_a_repair_or_its_history_calls_for_it_
     first = index.read_text()
     prep("job-b")  # four uses, appended: nothing to repair, nothing rewritten
     assert index.read_text().startswith(first) and lines() == 8
+    prep("job-b2")  # half of it history now, still far from worth a rewrite
+    assert index.read_text().startswith(first) and lines() == 12
     (cache / "index.jsonl.7.tmp").write_text("a compaction cut short")
     assert "cache: repaired 1 leftover(s) of an interrupted run" in prep("job-c")
     assert lines() == 4 + 4  # rewritten as its four live records, then job-c's uses
     orphan = cache / "objects" / "ee" / ("ee" + "1" * 62)
     orphan.parent.mkdir(exist_ok=True)
     orphan.write_bytes(b"linked but never recorded")
-    prep("job-d")
+    assert "cache: repaired 1 leftover(s)" in prep("job-d")
     assert lines() == 4 + 4 and not orphan.exists()
     objects = sorted(p for p in (cache / "objects").rglob("*") if p.is_file())
     objects[0].unlink()  # recorded, but gone
-    prep("job-e")
+    assert "cache: repaired 1 leftover(s)" in prep("job-e")
     assert lines() == 3 + 3 + 1  # three live records; three uses; the one downloaded again, recorded
     with open(index, "a") as fh:  # mostly history: a thousand and more uses of four objects
         fh.writelines(json.dumps({"k": objects[1].name, "t": n}) + "\n" for n in range(1100))
