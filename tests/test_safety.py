@@ -336,7 +336,9 @@ def test_a_file_refused_once_on_the_fast_path_is_fetched_again_and_lands(proxy: 
     blob_remote.put("b.txt", b"never refused")
     proxy.set_rules([Rule("503", pattern=r"/a\.txt$", max_count=1, retry_after=1)])
     via = f"http://127.0.0.1:{proxy.port}/devstoreaccount1/{blob_remote.container}"
+    started = time.monotonic()
     run(["prep", f"in={via}", "--progress-interval", "0"], batch_node.env(**remote_env(blob_remote)))
+    assert time.monotonic() - started >= 1.0  # its Retry-After was believed before asking again
     assert proxy.counts["503"] == 1
     assert tree(batch_node.job_dir) == {"in/a.txt": b"once refused", "in/b.txt": b"never refused"}
 
