@@ -402,7 +402,8 @@ def test_partial_files_of_a_killed_run_are_swept_and_nothing_else(batch_node: Ba
     job = batch_node.job_dir
     # what a run killed mid-download leaves: its marker and temporary files, in any folder
     leftovers = [job / "in" / ".a.txt.nodekit-partial", job / "in" / "deep" / ".c.bin.nodekit-partial",
-                 job / ".x.nodekit-partial"]
+                 job / ".x.nodekit-partial", job / "in" / ".nodekit" / ".y.nodekit-partial"]  # a blob prefix may
+    (job / "in" / ".nodekit").mkdir()  # be called .nodekit: only the job folder's own is nodekit's state
     for p in leftovers:
         p.write_bytes(b"half a file")
     (job / "in" / "task-output.txt").write_text("a task's file")
@@ -413,7 +414,7 @@ def test_partial_files_of_a_killed_run_are_swept_and_nothing_else(batch_node: Ba
     rep_path = tmp_path / "r.json"
     run(["prep", f"in={src.url}", "--progress-interval", "0", "--report", str(rep_path)], env)
     assert [p for p in leftovers if p.exists()] == []
-    assert report(rep_path)["swept_partial_files"] == 3
+    assert report(rep_path)["swept_partial_files"] == 4
     assert (job / "in" / "task-output.txt").read_text() == "a task's file"
     assert _snapshot(outside) == before
     assert not (job / ".nodekit" / "running").exists()
