@@ -1,46 +1,55 @@
 #!/usr/bin/env python3
 """Mutation testing of nodekit's safety-critical code: which deliberate faults would the tests miss?
 
-    python3 bench/mutation.py                       # every target below -> bench/results-mutation.md
+    python3 bench/mutation.py --jobs 2              # every target below -> bench/results-mutation.md
     python3 bench/mutation.py --only batchenv,plan  # some of them
     python3 bench/mutation.py --list                # the targets, their functions and mutant counts only
+    python3 bench/mutation.py --rev COMMIT ...      # the files (and this table) of an earlier commit
 
 Not part of the test suite and not run in CI (it lives in bench/, outside pytest's `testpaths`):
-it takes about half an hour on a 2-core machine. Run it after changing a module of the table, and
-put its scores in the README's "Development" section.
+it takes about half an hour of the machine on 2 cores. Run it after changing a module of the table,
+explain every survivor in bench/results-mutation.md (the "why" section is kept by hand), and put
+the scores in the README's "Development" section.
 
 The tool: Cosmic Ray (pinned below), installed by this script into a virtual environment of its
 own, `.mutation/venv`, so that its dependencies never change what the tests run against (the
-project's `.venv`, which `./dev test` creates; this script runs that first if it is missing).
-Why Cosmic Ray rather than mutmut 3, the other maintained tool: Cosmic Ray writes each mutant into
-the module's file and runs an ordinary test command, so the mutant is what *every* process imports,
-including the `python -m nodekit` and console-script subprocesses that many tests start (nodekit
-killed mid-run, generated command lines run as Batch runs them). mutmut 3 switches mutants on with
-an environment variable inside trampolines and picks the tests for each function from calls it
-saw in the pytest process itself, so code that only a subprocess reaches would count as "no tests".
-Cosmic Ray also keeps every result in a resumable SQLite session, and its sessions can be filtered
-before they run, which is what keeps this run within its half hour (below).
+project's `.venv`, which `./dev test` creates; this script runs that first if it is missing, and
+adds coverage to it). Why Cosmic Ray rather than mutmut 3, the other maintained tool: Cosmic Ray
+writes each mutant into the module's file and runs an ordinary test command, so the mutant is what
+*every* process imports, including the `python -m nodekit` and console-script subprocesses that
+many tests start (nodekit killed mid-run, a disk that fills, generated command lines run as Batch
+runs them). mutmut 3 switches mutants on with an environment variable inside trampolines and picks
+the tests of each function from calls it saw in the pytest process itself, so code that only a
+subprocess reaches would count as "no tests", and it leaves decorated functions alone. Cosmic Ray
+also keeps every result in a resumable SQLite session that can be filtered before it runs.
 
 How a run goes:
 
-1. The tree (tracked and new files, as they are in the working folder) is copied to
-   `.mutation/tree-N/`; Cosmic Ray mutates files there, never in the working folder. Tests run
-   with that copy as the current folder and first on PYTHONPATH, so `import nodekit`, `python -m
-   nodekit` and the console script all load the mutated copy (checked before the run).
-2. One Azurite serves every test run (`NODEKIT_TEST_AZURITE_PORT`, read by tests/conftest.py),
-   instead of one start per mutant; it is stopped by its process id at the end.
-3. For each target: a session of every mutant of the module, then everything outside the target's
-   functions (when it names some) and every operator not in OPERATORS is marked skipped; the
-   unmutated code must pass the target's tests (else the run stops); then each mutant runs the
-   target's tests with `pytest -x` under `nice -n 19`. A mutant whose tests fail or pass the
-   time limit is killed; one whose tests pass survived.
-4. The report (`--out`, default bench/results-mutation.md) gives per target killed / survived /
-   total, the time taken, and every survivor with its line and diff.
+1. The tree (tracked and new files, as they are in the working folder, or those of `--rev`) is
+   copied to `WORK/tree-N/` (WORK: `.mutation/`, or `--work`); Cosmic Ray mutates files there,
+   never in the working folder. Tests run with that copy as the current folder and first on
+   PYTHONPATH, so `import nodekit`, `python -m nodekit` and the console script all load the mutated
+   copy (checked before the run).
+2. Each target gets an Azurite of its own, shared by all its test runs (`NODEKIT_TEST_AZURITE_PORT`,
+   read by tests/conftest.py) instead of one start per mutant, stopped by its process id after.
+3. For each target: each test selector of the table runs once under coverage (subprocesses
+   included), which gives, for every line of the module, the selectors that execute it; they must
+   pass (else the run stops). Then a session of every mutant of the module, and everything outside
+   the target's functions (when it names some), inside a type annotation (never evaluated here), or
+   of an operator not in OPERATORS is marked skipped. Each mutant then runs, under `nice -n 19`,
+   only the selectors that execute its line (`--run-mutant`, Cosmic Ray's test command), in the
+   table's order with `pytest -x`; a mutant no selector reaches survives as "no test reaches it".
+   A mutant whose tests fail or pass the time limit is killed; one whose tests pass survived.
+4. Targets are taken one at a time by each of `--jobs` copies. Each target's outcome is saved as it
+   ends (`WORK/NAME/outcome.json`); the report (`--out`) gives per target killed / survived / total,
+   the minutes taken, and every survivor with its line and diff. `--report-from WORK...` writes the
+   report again from saved outcomes (a later folder wins for a target).
 
 The table TARGETS is the thing to edit: which module, which of its functions (`Class.method` or
 `function`; none: the whole module), and which tests cover it, fastest and most telling first
 (with `-x` a killed mutant stops at the first failing test). A function named there that no longer
-exists stops the run, so a rename shows up at once.
+exists stops the run, so a rename shows up at once: when the data path is rewritten, point
+"landing" at the module that lands a file and at its functions.
 
 OPERATORS keeps, like mutmut, one or two mutations per place rather than Cosmic Ray's every
 operator for every operator: a comparison turned into its negation or its boundary, arithmetic to
