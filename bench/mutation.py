@@ -136,6 +136,7 @@ TARGETS: dict[str, Target] = {
             S + "test_an_object_changed_in_storage_since_is_not_taken_as_kept",
             S + "test_a_short_deadline_keeps_back_a_fifth_for_the_wipe_and_no_more",
             S + "test_a_dump_that_would_fit_the_deadline_but_not_before_the_wipes_reserve_is_skipped",
+            S + "test_release_gives_up_on_storage_that_is_down_within_its_deadline",
             S + "test_storage_that_drops_the_content_md5_is_not_taken_as_verified_and_nothing_is_wiped",
             S + "test_release_takes_only_this_jobs_task_folders_and_what_is_there",
             S + "test_a_dry_run_lists_every_log_and_dump_and_what_it_would_delete",

@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 import pytest
+from azurite import free_port
 from conftest import ROOT, Azurite, BatchNode, BlobRemote, LocalRemote, Remote, remote_env, tree
 from faultproxy import FaultProxy, Rule
 from helpers import report, run
@@ -660,8 +661,10 @@ def test_a_dump_that_would_fit_the_deadline_but_not_before_the_wipes_reserve_is_
     before any upload was measured) is skipped, and said so, rather than eating into the reserve."""
     sn = small_node
     (sn.work / "task002" / "wd" / "core").unlink()
-    with open(sn.work / "task001" / "wd" / "core", "wb") as fh:
-        os.truncate(fh.fileno(), 100 * MIB)  # sparse: costs no disk
+    dumps = ((sn.work / "task001" / "wd" / "core", 100 * MIB), (sn.work / "task002" / "wd" / "a.dmp", 120 * MIB))
+    for path, size in dumps:
+        with open(path, "wb") as fh:
+            os.truncate(fh.fileno(), size)  # sparse: costs no disk
     rep_path = tmp_path / "r.json"
     started = time.monotonic()
     result = run(["release", "--upload-to", str(tmp_path / "kept"), "--deadline", "2s", "--report", str(rep_path)],
@@ -670,8 +673,18 @@ def test_a_dump_that_would_fit_the_deadline_but_not_before_the_wipes_reserve_is_
     assert result.exit_code == 5, result.output
     rep = report(rep_path)
     assert [(s["name"], s["why"][:36]) for s in rep["skipped"]] == [
-        ("dumps/job-1/task001/wd/core.gz", "would take about 2 s at 50.0 MiB/s; ")]
+        ("dumps/job-1/task001/wd/core.gz", "would take about 2 s at 50.0 MiB/s; "),
+        ("dumps/job-1/task002/wd/a.dmp.gz", "would take about 2 s at 50.0 MiB/s; ")]  # each one named
     assert [u["name"] for u in rep["uploaded"]] == ["logs.tar.gz"] and rep["wiped"] == []
+
+
+def test_release_gives_up_on_storage_that_is_down_within_its_deadline(small_node: SmallNode) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/devstoreaccount1/logs"  # nothing listens there
+    env = small_node.env(AZURE_STORAGE_CONNECTION_STRING="UseDevelopmentStorage=true")
+    started = time.monotonic()
+    result = run(["release", "--upload-to", dead, "--deadline", "4s"], env, ok=False)
+    assert time.monotonic() - started < 4  # its retries stop before the wipe's reserve (0.8 s here)
+    assert result.exit_code == 9 and small_node.node.job_dir.exists()
 
 
 def test_release_takes_only_this_jobs_task_folders_and_what_is_there(small_node: SmallNode, tmp_path: Path) -> None:
