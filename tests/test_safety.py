@@ -10,6 +10,7 @@ import base64
 import gzip
 import hashlib
 import http.server
+import io
 import json
 import os
 import resource
@@ -579,7 +580,7 @@ def small_node(batch_node: BatchNode) -> SmallNode:
 
 
 def _archive_names(data: bytes) -> list[str]:
-    with gzip.GzipFile(fileobj=__import__("io").BytesIO(data)) as gz, tarfile.open(fileobj=gz) as tar:
+    with gzip.GzipFile(fileobj=io.BytesIO(data)) as gz, tarfile.open(fileobj=gz) as tar:
         return sorted(tar.getnames())
 
 
@@ -794,7 +795,7 @@ def test_a_rerun_never_overwrites_what_an_earlier_run_kept(destination: Remote, 
     assert sorted(second) == ["dumps/job-1/task002/wd/core-2.gz", "dumps/job-1/task002/wd/core.gz",
                               "logs-2.tar.gz", "logs.tar.gz", "manifest.json"]
     assert gzip.decompress(second["dumps/job-1/task002/wd/core-2.gz"]) == core.read_bytes()
-    with gzip.GzipFile(fileobj=__import__("io").BytesIO(second["logs-2.tar.gz"])) as gz, \
+    with gzip.GzipFile(fileobj=io.BytesIO(second["logs-2.tar.gz"])) as gz, \
             tarfile.open(fileobj=gz) as tar:
         member = tar.extractfile("job-1/task001/stdout.txt")
         assert member is not None and member.read().endswith(b"written after the first release\n")
