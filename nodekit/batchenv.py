@@ -113,6 +113,8 @@ def shared_root(env: BatchEnv) -> Path:
         ) from None
     except OSError as err:
         raise BatchEnvError(f"the shared directory {raw} cannot be used: {err.strerror}.") from err
+    except RuntimeError as err:  # a loop of symbolic links, before Python 3.13 (an OSError since)
+        raise BatchEnvError(f"the shared directory {raw} cannot be used: {err}.") from err
     if not resolved.is_dir():
         raise BatchEnvError(f"the shared directory {raw} is not a folder.")
     if resolved == Path(resolved.anchor):

@@ -47,6 +47,10 @@ class LocalStat:
             st = os.lstat(path)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as err:
+            if err.errno == errno.ENAMETOOLONG:  # cannot exist here: downloading it says so (exit 8)
+                return None
+            raise
         return cls(st.st_size, st.st_mtime_ns, stat.S_ISREG(st.st_mode))
 
 

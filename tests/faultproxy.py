@@ -1,12 +1,14 @@
 """A fault-injecting HTTP/1.1 proxy for tests and benches: nodekit → proxy → Azurite, on loopback.
 
 Per request (matched by a regex on "METHOD /path"), with a probability and an optional cap on how
-many times, it can: answer 503 with Retry-After or 500, reset the connection after half (or N
+many times, it can: answer 503 with Retry-After, 500 or 404, reset the connection after half (or N
 bytes) of the response body, stall before the body past the client's read timeout, or slow the
-body to a bandwidth. A global limit admits at most `rps` requests per second across all clients
-and answers the rest 503 ServerBusy, as a throttled storage account does. It counts what it did,
-the body bytes it sent per path, and every request's Range header. Runs its own event loop in a
-thread; `stop()` ends it. Traffic goes only to the given loopback upstream.
+body to a bandwidth, drop a request header before forwarding (`strip`), or answer 403 with the
+request's target (query string and all) in its status line, error code and body (`echo`, as some
+proxies and servers echo what they were asked). A global limit admits at most `rps` requests per
+second across all clients and answers the rest 503 ServerBusy, as a throttled storage account
+does. It counts what it did, the body bytes it sent per path, and every request's Range header.
+Runs its own event loop in a thread; `stop()` ends it. Traffic goes only to the given loopback upstream.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ ERROR_BODY = b'<?xml version="1.0" encoding="utf-8"?><Error><Code>%s</Code><Mess
 
 @dataclass
 class Rule:
-    kind: str  # "503", "500", "reset", "stall", "slow"
+    kind: str  # "503", "500", "404", "reset", "stall", "slow", "strip", "echo"
     rate: float = 1.0
     pattern: str = ""
     max_count: int | None = None
@@ -32,6 +34,7 @@ class Rule:
     reset_at: float = 0.5  # fraction of the body sent before a reset (or bytes, if > 1)
     stall_s: float = 5.0
     bytes_per_s: float = 1e6
+    header: str = ""  # the request header a "strip" rule removes
     hits: int = 0
     regex: re.Pattern[str] = field(init=False)
 
@@ -141,11 +144,21 @@ class FaultProxy:
                     await self._error(writer, 503, "ServerBusy", retry_after=1)
                     continue
                 rule = self._fault(f"{method} {path}")
-                if rule is not None and rule.kind in ("503", "500"):
+                if rule is not None and rule.kind in ("503", "500", "404"):
                     self.counts[rule.kind] += 1
-                    code = "ServerBusy" if rule.kind == "503" else "InternalError"
+                    code = {"503": "ServerBusy", "500": "InternalError", "404": "BlobNotFound"}[rule.kind]
                     await self._error(writer, int(rule.kind), code, retry_after=rule.retry_after)
                     continue
+                if rule is not None and rule.kind == "echo":
+                    self.counts["echo"] += 1
+                    await self._echo(writer, target)
+                    continue
+                if rule is not None and rule.kind == "strip":
+                    name = rule.header.lower().encode("latin-1") + b":"
+                    kept = [line for line in head.split(b"\r\n") if not line.lower().startswith(name)]
+                    if len(kept) < len(head.split(b"\r\n")):
+                        self.counts["strip"] += 1
+                    head = b"\r\n".join(kept)
                 if not await self._forward(method, target, path, head, body, writer, rule):
                     return
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -157,6 +170,13 @@ class FaultProxy:
         body = ERROR_BODY % code.encode()
         writer.write(f"HTTP/1.1 {status} {code}\r\nContent-Length: {len(body)}\r\nContent-Type: application/xml\r\n"
                      f"x-ms-error-code: {code}\r\nRetry-After: {retry_after}\r\n\r\n".encode() + body)
+        await writer.drain()
+
+    async def _echo(self, writer: asyncio.StreamWriter, target: str) -> None:
+        code = f"Denied {target}"
+        body = (ERROR_BODY % code.encode("latin-1")).replace(b"injected", target.encode("latin-1"))
+        writer.write(f"HTTP/1.1 403 {code}\r\nContent-Length: {len(body)}\r\nContent-Type: application/xml\r\n"
+                     f"x-ms-error-code: {code}\r\n\r\n".encode("latin-1") + body)
         await writer.drain()
 
     async def _forward(self, method: str, target: str, path: str, head: bytes, body: bytes,

@@ -8,6 +8,7 @@ import shlex
 import stat
 import subprocess
 import sys
+import sysconfig
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -337,19 +338,28 @@ def test_cmdline_from_a_description_file(tmp_path: Path) -> None:
 
 def test_the_documented_wheel_installs_and_generates_from_outside_the_source_tree(tmp_path: Path) -> None:
     """The wheel built as the README says is batch-nodekit, carries the templates (top-level templates/ in the
-    source tree), and its `nodekit` generates from a folder far from the source tree."""
+    source tree), and its `nodekit` generates from a folder far from the source tree.
+
+    No package index: the documented command runs with --no-index --no-build-isolation (this environment's
+    setuptools, which the test extra brings), and the wheel's dependencies come from this environment (a .pth
+    line names its site-packages; the .pth files in it, such as nodekit's own editable install, are not read)."""
     from nodekit.cmdline import BUILD_WHEEL
 
     dist = tmp_path / "dist"
     argv = shlex.split(BUILD_WHEEL)  # python -m pip wheel --no-deps -w dist .
     argv[0], argv[argv.index("-w") + 1] = sys.executable, str(dist)
-    build = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    build = subprocess.run([*argv, "--isolated", "--no-index", "--no-build-isolation"], cwd=ROOT, capture_output=True,
+                           text=True)
     assert build.returncode == 0, build.stderr[-2000:]
     wheels = sorted(p.name for p in dist.iterdir())
     assert wheels == ["batch_nodekit-0.1.0-py3-none-any.whl"]
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    inner = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()"
+                            "['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
+    Path(inner, "_deps_of_the_test_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    pip = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
+                          "--isolated", "--disable-pip-version-check", "--no-index", "--no-deps",
                           str(dist / wheels[0])], capture_output=True, text=True)
     assert pip.returncode == 0, pip.stderr[-2000:]
     away = tmp_path / "elsewhere"
@@ -357,7 +367,7 @@ def test_the_documented_wheel_installs_and_generates_from_outside_the_source_tre
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import nodekit.cmdline as c; print(c.__file__)"],
                            cwd=away, capture_output=True, text=True, env=env)
-    assert where.stdout.startswith(str(venv)), where.stdout  # the installed copy, not the source tree
+    assert where.stdout.startswith(inner), where.stdout  # the installed copy, not the source tree
     out = subprocess.run([str(venv / "bin" / "nodekit"), "cmdline", "builtin:sample", "--job-id", "j1", "--pool-id",
                           "p1", "--upload-to", "https://acct1.blob.core.windows.net/logs", "--format", "job"],
                          cwd=away, capture_output=True, text=True, env=env)
