@@ -91,3 +91,7 @@ class LocalIOError(NodekitError):
     """The local disk refused a write: full, read-only or not permitted."""
 
     exit_code = ExitCode.LOCAL_IO
+
+
+class InTheWay(LocalIOError):
+    """Something else is where one file (or folder) goes: that file fails, the others go on (exit 8 in the end)."""

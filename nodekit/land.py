@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from nodekit.errors import IntegrityError, LocalIOError
+from nodekit.errors import IntegrityError, InTheWay
 from nodekit.names import PARTIAL_SUFFIX, too_long
 from nodekit.storage import RemoteFile
 
@@ -142,7 +142,7 @@ class Landing:
         try:
             os.replace(self.tmp, self.final)
         except IsADirectoryError:
-            raise LocalIOError(f"{self.final} is a folder where the source has a file; remove it and run again.") \
+            raise InTheWay(f"{self.final} is a folder where the source has a file; remove it and run again.") \
                 from None
         return md5, verified, st
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from nodekit.batchenv import BatchEnv, check_local_source, ensure_inside, job_folder
 from nodekit.credentials import CredentialEnv
-from nodekit.errors import LocalIOError, NodekitError, NotFound, SourceError, UnsafeInput, UsageError
+from nodekit.errors import InTheWay, LocalIOError, NodekitError, NotFound, SourceError, UnsafeInput, UsageError
 from nodekit.names import STATE_DIR, GlobFilter, find_collisions, unsafe_reason
 from nodekit.plan import (
     Action,
@@ -398,7 +398,7 @@ def _make_folders(job_dir: Path, folders: list[str]) -> None:
             try:
                 path.mkdir(exist_ok=True)
             except FileExistsError:
-                raise LocalIOError(f"{path} is a file where the source has a folder; remove it and run again.") \
+                raise InTheWay(f"{path} is a file where the source has a folder; remove it and run again.") \
                     from None
             except OSError as err:
                 raise disk_error(err, path) from err

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nodekit.errors import IntegrityError, LocalIOError, NodekitError, TransientError, UnsafeInput
+from nodekit.errors import IntegrityError, InTheWay, LocalIOError, NodekitError, TransientError, UnsafeInput
 from nodekit.land import Landing, check, mtime_ns, partial_name
 from nodekit.plan import (  # noqa: F401  (Action, LocalStat, decide, human_bytes: re-exported)
     Action,
@@ -222,7 +222,7 @@ class Downloader:
                     os.mkdir(d)
                 except FileExistsError:
                     if not os.path.isdir(d):
-                        raise LocalIOError(f"{d} is a file where nodekit needs a folder; remove it and run again.") \
+                        raise InTheWay(f"{d} is a file where nodekit needs a folder; remove it and run again.") \
                             from None
                 except OSError as err:
                     raise _disk_error(err, d) from err
@@ -279,7 +279,10 @@ class Downloader:
         size = range_size(sum(i.remote.size for i in big if i.remote), self.concurrency)
         gets: list[Get] = []
         for item in sorted(big, key=lambda i: -(i.remote.size if i.remote else 0)):
-            gets += self._big_gets(item, size, 1)
+            try:
+                gets += self._big_gets(item, size, 1)
+            except NodekitError as err:
+                self._fail(item, err)
         for item in items:
             if id(item) not in big_ids:
                 try:
@@ -444,7 +447,7 @@ class Downloader:
             big.close()
             _unlink_quietly(big.tmp)
             if isinstance(err, IsADirectoryError):
-                err = LocalIOError(f"{big.final} is a folder where the source has a file; remove it and run again.")
+                err = InTheWay(f"{big.final} is a folder where the source has a file; remove it and run again.")
             elif isinstance(err, OSError):
                 err = _disk_error(err, big.tmp)
             self._fail(item, err)
@@ -516,7 +519,8 @@ class Downloader:
             item.error = str(err)
             with self._placed_lock:
                 self._errors.append(err)
-            if not err.retryable or isinstance(err, LocalIOError) or self.ctx.remaining() <= 0:
+            if not isinstance(err, InTheWay) and (not err.retryable or isinstance(err, LocalIOError)
+                                                  or self.ctx.remaining() <= 0):
                 self.ctx.stop.set()
             log.error("failed: %s: %s", item.path, err)
             return
@@ -546,7 +550,7 @@ class Downloader:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s (%s, %s)", "from the cache" if item.cached else "downloaded", item.path,
                       human_bytes(remote.size), "verified" if verified else
-                      ("MD5 recorded" if md5 else "no source checksum"))
+                      "unverified: the source has no checksum" + ("; MD5 recorded" if md5 else ""))
 
     def place_cached(self, item: PlannedFile, obj: Path, md5: str | None, verified: bool) -> bool:
         """Put the cached object `obj` in place of `item` (a hard link, else a copy); False if it cannot."""

@@ -101,12 +101,13 @@ def test_a_relative_dest_is_taken_inside_the_shared_directory_and_may_not_leave_
     src = LocalRemote(tmp_path / "src")
     src.put("a.txt", b"a")
     env = batch_node.env()
-    run(["prep", f"in={src.url}", "--dest", "elsewhere/job-x", "--progress-interval", "0"], env)
-    assert (batch_node.shared / "elsewhere" / "job-x" / "in" / "a.txt").read_bytes() == b"a"
-    run(["prep", f"in={src.url}", "--dest", str(batch_node.shared / "abs-job"), "--progress-interval", "0"], env)
-    assert (batch_node.shared / "abs-job" / "in" / "a.txt").read_bytes() == b"a"
+    # folders no job owns (a name that is not a Batch id, issue 16: no release wipes them)
+    run(["prep", f"in={src.url}", "--dest", "else.where/job-x", "--progress-interval", "0"], env)
+    assert (batch_node.shared / "else.where" / "job-x" / "in" / "a.txt").read_bytes() == b"a"
+    run(["prep", f"in={src.url}", "--dest", str(batch_node.shared / "abs.data"), "--progress-interval", "0"], env)
+    assert (batch_node.shared / "abs.data" / "in" / "a.txt").read_bytes() == b"a"
     before = _snapshot(tmp_path / "node")
-    for dest in ("../escaped", ".", str(tmp_path / "outside-dest"), "elsewhere/../.."):
+    for dest in ("../escaped", ".", str(tmp_path / "outside-dest"), "else.where/../.."):
         result = run(["prep", f"in={src.url}", "--dest", dest], env, ok=False)
         assert result.exit_code == 6, (dest, result.output)
         assert "is not inside" in result.stderr, dest
@@ -177,7 +178,8 @@ def test_landed_files_carry_the_sources_time_and_are_writable_without_the_cache(
         remote.put(name, data, blocks=len(data) > 4 * MIB)
     env = batch_node.env(**remote_env(remote))
     rep_path = batch_node.root / "r.json"
-    run(["prep", f"in={remote.url}", "--no-cache", "--progress-interval", "0", "--report", str(rep_path)], env)
+    run(["prep", f"in={remote.url}", "--no-cache", "--progress-interval", "0", "--report", str(rep_path),
+         "--md5", "all"], env)  # every file's MD5 recorded (the default records only what the source can check)
     recorded = {f["name"]: f["md5"] for f in report(rep_path)["files"]}
     for name, data in files.items():
         landed = batch_node.job_dir / "in" / name
@@ -211,7 +213,7 @@ def test_a_folder_or_a_file_in_the_way_ends_with_8_and_is_left_alone(remote: Rem
     (job_in / "d").unlink()
     result = run(["prep", f"in={remote.url}", "--progress-interval", "0"], batch_node.env(**remote_env(remote)),
                  ok=False)
-    assert result.exit_code == 8 and "x.txt is a folder where the source has a file" in result.stderr, result.output
+    assert result.exit_code == 8 and "is a folder where the source has a file" in result.stderr, result.output
     assert (job_in / "d" / "y.txt").read_bytes() == b"y"
 
 
@@ -286,13 +288,16 @@ def test_a_cached_file_with_a_folder_in_its_way_ends_with_8(batch_node: BatchNod
     assert "could not place in/x.txt from the cache" in result.stderr
 
 
-def test_names_too_long_for_the_disk_end_with_8(blob_remote: BlobRemote, batch_node: BatchNode) -> None:
+def test_names_too_long_for_the_disk_are_refused_up_front(blob_remote: BlobRemote, batch_node: BatchNode) -> None:
+    """Issue 15: a segment over the file system's 255 bytes is refused with the other unsafe names, exit 6,
+    before anything is written (it was exit 8, "File name too long", from the first file it reached)."""
     for name in ("f" * 300 + "/x.txt", "n" * 300 + ".txt"):  # a blob name may be 1,024 characters; a file 255
         blob_remote.put(name, b"x")
         result = run(["prep", f"in={blob_remote.url}", "--progress-interval", "0"],
                      batch_node.env(**remote_env(blob_remote)), ok=False)
-        assert result.exit_code == 8, result.output
-        assert "File name too long" in result.stderr and result.stderr.count("Error:") == 1
+        assert result.exit_code == 6, result.output
+        assert "longer than the file system's 255 bytes" in result.stderr and result.stderr.count("Error:") == 1
+        assert not batch_node.job_dir.exists()
         blob_remote.delete(name)
 
 
@@ -360,7 +365,7 @@ def test_a_write_refused_by_the_disk_ends_with_8_and_leaves_no_partial_file(batc
     out = subprocess.run([sys.executable, "-m", "nodekit", "prep", f"in={src}", "--no-cache"], env=env, cwd=ROOT,
                          capture_output=True, text=True, preexec_fn=limit_file_size)
     assert out.returncode == 8, out.stderr
-    assert "File too large" in out.stderr and out.stderr.count("Error:") == 1
+    assert "a file-size limit was reached" in out.stderr and out.stderr.count("Error:") == 1
     assert not (batch_node.job_dir / "in" / "small.bin").exists()
     assert not list(batch_node.job_dir.rglob("*.nodekit-partial"))
 
@@ -440,7 +445,8 @@ def test_the_cache_hands_out_only_objects_whose_stat_still_matches_and_repairs_l
 
     def prep(job: str) -> dict:
         rep_path = tmp_path / f"{job}.json"
-        run(["prep", f"in={src.url}", "--job-id", job, "--report", str(rep_path), "--progress-interval", "0"], env)
+        run(["prep", f"in={src.url}", "--job-id", job, "--report", str(rep_path), "--progress-interval", "0",
+             "--md5", "all"], env)
         assert tree(batch_node.shared / job) == {f"in/{k}": v for k, v in data.items()}, job
         return report(rep_path)
 
@@ -890,10 +896,12 @@ def test_storage_that_drops_the_content_md5_is_not_taken_as_verified_and_nothing
     sn = small_node
     before = tree(sn.node.job_dir)
     proxy.set_rules([Rule("strip", header="x-ms-blob-content-md5")])
-    via = f"http://127.0.0.1:{proxy.port}/devstoreaccount1/{blob_remote.container}"
+    # a SAS, not the account key: a shared-key signature covers the x-ms- headers, so the stripped commit
+    # would be refused (403) rather than stored without its MD5
+    sas = blob_remote.sas_url(write=True, create=True).split("?", 1)[1]
+    via = f"http://127.0.0.1:{proxy.port}/devstoreaccount1/{blob_remote.container}?{sas}"
     rep_path = tmp_path / "r.json"
-    result = run(["release", "--upload-to", via, "--wipe-task-dirs", "--report", str(rep_path)],
-                 sn.env(**remote_env(blob_remote)), ok=False)
+    result = run(["release", "--upload-to", via, "--wipe-task-dirs", "--report", str(rep_path)], sn.env(), ok=False)
     assert proxy.counts["strip"] >= 1
     stored = {b.name: b for b in blob_remote.client.list_blobs(name_starts_with="job-1/tvm-1/")}
     assert "job-1/tvm-1/logs.tar.gz" in stored
@@ -907,7 +915,7 @@ def test_storage_that_drops_the_content_md5_is_not_taken_as_verified_and_nothing
         str(sn.work / t / "wd") for t in ("jobpreparation", "task001", "task002")]
     assert all(k["why"].startswith("the upload failed: nothing wiped") for k in rep["kept"])
     result = run(["release", "--upload-to", via, "--wipe-on-upload-failure", "--report", str(rep_path)],
-                 sn.env(**remote_env(blob_remote)), ok=False)  # a retention policy first: wiped, and said so
+                 sn.env(), ok=False)  # a retention policy first: wiped, and said so
     assert "wiping although the upload failed (--wipe-on-upload-failure)" in result.stderr
     assert not sn.node.job_dir.exists() and report(rep_path)["wiped"][0] == str(sn.node.job_dir)
     manifest = blob_remote.client.get_blob_client("job-1/tvm-1/manifest.json")
