@@ -17,31 +17,40 @@ from helpers import report, run
 BIG = 160 * 1024 * 1024
 
 
-def _spawn(node: BatchNode, remote: BlobRemote, report_path: Path, *extra: str) -> subprocess.Popen[bytes]:
+def _spawn(node: BatchNode, remote: BlobRemote, report_path: Path, *extra: str,
+           url: str | None = None) -> subprocess.Popen[bytes]:
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AZ_BATCH_", "AZURE_", "NODEKIT_"))},
            **node.env(**remote_env(remote))}
     return subprocess.Popen(
-        [sys.executable, "-m", "nodekit", "prep", f"input={remote.url}", "--report", str(report_path),
+        [sys.executable, "-m", "nodekit", "prep", f"input={url or remote.url}", "--report", str(report_path),
          "--progress-interval", "0", *extra],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def test_sigkill_during_a_large_download_then_rerun_repairs(blob_remote: BlobRemote, batch_node: BatchNode,
                                                             tmp_path: Path) -> None:
+    from faultproxy import FaultProxy, Rule
+
     big = os.urandom(BIG)
     blob_remote.put("big.bin", big, blocks=True)
     blob_remote.put("small.txt", b"small")
-    proc = _spawn(batch_node, blob_remote, tmp_path / "r1.json", "--concurrency", "2")
-    partial = batch_node.job_dir / "input" / ".big.bin.nodekit-partial"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if partial.exists() and partial.stat().st_blocks > 0:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "prep finished before it could be killed"
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    slow = FaultProxy(blob_remote.server.port).start()  # 160 MiB at 40 MB/s a connection: seconds, not a blink
+    try:
+        slow.set_rules([Rule("slow", 1.0, pattern=r"big\.bin$", bytes_per_s=40e6)])
+        via = f"http://127.0.0.1:{slow.port}/devstoreaccount1/{blob_remote.container}"
+        proc = _spawn(batch_node, blob_remote, tmp_path / "r1.json", "--concurrency", "2", url=via)
+        partial = batch_node.job_dir / "input" / ".big.bin.nodekit-partial"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if partial.exists() and partial.stat().st_blocks > 0:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "prep finished before it could be killed"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        slow.stop()
     assert not (batch_node.job_dir / "input" / "big.bin").exists()  # never a half file under the final name
 
     rep_path = tmp_path / "r2.json"
