@@ -33,7 +33,7 @@ from nodekit.spec import BlobLocation
 from nodekit.storage import ObjectExists, RemoteFile, RunContext
 from nodekit.storage.auth import Access
 from nodekit.storage.net import API_VERSION, CONNECT_TIMEOUT, NetConfig, user_agent
-from nodekit.storage.retry import Failure, for_exception, for_status, request_ids
+from nodekit.storage.retry import Failure, for_curl, for_exception, for_status, request_ids
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,9 @@ class AzureBlobStore:
                                        UserAgentPolicy(base_user_agent=user_agent(full=True))]
                 if self.access.token is not None:
                     policies.append(BearerTokenCredentialPolicy(self.access.token, STORAGE_SCOPE))
-                self._pipeline = PipelineClient(self.loc.endpoint, policies=policies, transport=self.net.transport())
+                from nodekit.storage.transport import CurlTransport
+
+                self._pipeline = PipelineClient(self.loc.endpoint, policies=policies, transport=CurlTransport(self.net))
         return self._pipeline
 
     def _url(self, path: str, params: str = "") -> str:
@@ -109,6 +111,8 @@ class AzureBlobStore:
         from azure.core.exceptions import AzureError
         from azure.core.rest import HttpRequest
 
+        from nodekit.storage.transport import CurlError
+
         client = self._client()
         attempt = 0
         while True:
@@ -120,11 +124,13 @@ class AzureBlobStore:
             request = HttpRequest(method, url)
             try:
                 resp = client.send_request(request, connection_timeout=min(CONNECT_TIMEOUT, remaining),
-                                           read_timeout=min(self.net.read_timeout, remaining),
-                                           connection_verify=self.net.verify())
+                                           read_timeout=min(self.net.read_timeout, remaining))
                 resp.read()
             except NodekitError:
                 raise  # a token that could not be had (auth.TokenSource)
+            except CurlError as err:
+                verdict = for_curl(err.errno, err.why, what=what, host=self._host(), trust_hint=self.net.trust_hint(),
+                                   ids=request_ids(request.headers.get("x-ms-client-request-id"), None))
             except (AzureError, OSError) as err:
                 verdict = for_exception(err, what=what, host=self._host(), trust_hint=self.net.trust_hint(),
                                         ids=request_ids(request.headers.get("x-ms-client-request-id"), None))

@@ -3,11 +3,13 @@
 nodekit speaks to storage through two well-kept HTTP stacks, both configured here so that they
 behave alike:
 
-- azure-core's `RequestsTransport` (requests and urllib3 underneath) for everything the Azure
-  libraries do: listings, properties, uploads, tokens' owners' calls;
-- libcurl (pycurl's multi interface) for the hot path, the downloads: one thread keeps many
-  requests in flight, with TLS and HTTP parsing in C (see the README's performance section for
-  the measurements that chose it).
+- libcurl (pycurl): the downloads (storage/fetch.py: one thread keeps many requests in flight,
+  with TLS and HTTP parsing in C; see the README's performance section for the measurements that
+  chose it), and the transport of nodekit's own azure-core pipeline for listings and properties
+  (storage/transport.py);
+- azure-core's `RequestsTransport` (requests and urllib3 underneath) for the Azure SDK's own
+  clients: release's uploads and read-backs, containers; azure-identity's token requests use its
+  default transport, which reads the same proxy and CA variables.
 
 Trust: the CA bundle named by REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE or SSL_CERT_FILE (first that is
 set; SSL_CERT_DIR for a folder), else certifi's bundle, which is what requests and the Azure SDK
@@ -89,9 +91,14 @@ class NetConfig:
         with self._lock:
             if key in self._proxies:
                 return self._proxies[key] or None
-        from requests.utils import get_environ_proxies, select_proxy
+        import urllib.request
 
-        proxy = select_proxy(url, get_environ_proxies(url)) or ""
+        if urllib.request.getproxies():  # requests' own rules (NO_PROXY with CIDRs and ports, ALL_PROXY)
+            from requests.utils import get_environ_proxies, select_proxy
+
+            proxy = select_proxy(url, get_environ_proxies(url)) or ""
+        else:  # no proxy variable at all: no need to import requests (60 ms of a warm re-run)
+            proxy = ""
         with self._lock:
             self._proxies[key] = proxy
         return proxy or None
