@@ -296,10 +296,9 @@ def _run(opts: PrepOptions, env: BatchEnv, emit: Callable[[str], None], shared: 
     finally:
         scan.join()
     records, stat = scan.result()
-    _archived(plan(listing, records, stat), opts.skip_archived)  # refused before anything is written
+    result.files = plan(listing, records, stat)  # a pure function of these: planned once
+    _archived(result.files, opts.skip_archived)  # refused before anything is written
     if opts.dry_run:
-        result.files = plan(listing, records, stat)
-        _archived(result.files, opts.skip_archived)
         result.retries, result.elapsed = ctx.retries, time.monotonic() - ctx.started
         for f in result.files:
             if f.action is not Action.FORGET:
@@ -316,15 +315,17 @@ def _run(opts: PrepOptions, env: BatchEnv, emit: Callable[[str], None], shared: 
     with JobLock(job_dir, timeout=max(1.0, ctx.remaining())) as lock:
         if lock.waited > 0.5:
             log.info("waited %.1f s for another nodekit run on this job to finish", lock.waited)
-        records, stat = scan.result()
+        fresh, stat = scan.result()
+        if fresh is not records:  # another run changed the records since the scan: plan again
+            records = fresh
+            result.files = plan(listing, records, stat)
+            _archived(result.files, opts.skip_archived)
         marker = job_dir / STATE_DIR / RUNNING_MARKER
         if marker.exists() or not (job_dir / STATE_DIR / STATE_FILE).exists():  # the last run did not finish
             result.swept = sweep_partials(job_dir)
             if result.swept:
                 log.info("removed %d partial file(s) left by an interrupted run", result.swept)
         marker.touch()
-        result.files = plan(listing, records, stat)
-        _archived(result.files, opts.skip_archived)
         for f in result.files:
             if f.action is Action.SKIP:
                 log.debug("skip %s (%s)", f.path, f.reason)
