@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from azurite import DEV_ACCOUNT, DEV_KEY, ROOT, Azurite, start_azurite, stop_process
+from faultproxy import FaultProxy
 from tlscerts import CertFiles, make_ca, make_server_cert
 
 __all__ = ["DEV_ACCOUNT", "DEV_KEY", "ROOT", "Azurite", "start_azurite", "stop_process"]
@@ -216,6 +217,16 @@ def remote(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Remote]:
     blobs = BlobRemote(request.getfixturevalue("azurite"))
     yield blobs
     blobs.client.delete_container()  # the emulator keeps everything in memory
+
+
+@pytest.fixture
+def proxy(azurite: Azurite) -> Iterator[FaultProxy]:
+    """The tests' fault-injecting proxy in front of the session's Azurite (no faults until a test adds rules)."""
+    p = FaultProxy(azurite.port).start()
+    try:
+        yield p
+    finally:
+        p.stop()
 
 
 @pytest.fixture

@@ -13,11 +13,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 from conftest import ROOT, Azurite, BatchNode, BlobRemote, remote_env
 from faultproxy import FaultProxy, Rule
 from helpers import report, run
@@ -35,13 +33,6 @@ from nodekit.transfer import Downloader, range_size
 MIB = 1024 * 1024
 
 
-@pytest.fixture
-def proxy(azurite: Azurite) -> Iterator[FaultProxy]:
-    p = FaultProxy(azurite.port).start()
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 def _via(proxy: FaultProxy, remote: BlobRemote) -> str:

@@ -63,6 +63,19 @@ def _release_env(node: Path, remote: Remote) -> dict[str, str]:
             "AZ_BATCH_TASK_DIR": str(own), "AZ_BATCH_TASK_WORKING_DIR": str(own / "wd"), **remote_env(remote)}
 
 
+def _kill_at_random(argv: list[str], env: dict[str, str], rng: random.Random, window: float) -> tuple[bool, float]:
+    """Start nodekit, SIGKILL it at a random moment of `window` seconds: (killed, the window for next time)."""
+    proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(rng.uniform(0.05, 0.95) * window)
+    hit = proc.poll() is None
+    if hit:
+        proc.send_signal(signal.SIGKILL)
+    else:
+        window *= 0.8  # this machine runs faster now than when the window was timed
+    proc.wait()
+    return hit, window
+
+
 @pytest.mark.parametrize("kind", ["local", "azurite"])
 def test_release_killed_at_random_moments_then_run_again_keeps_everything(
         kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
@@ -91,15 +104,8 @@ def test_release_killed_at_random_moments_then_run_again_keeps_everything(
         shutil.copytree(template, node, symlinks=True)  # the same files, the same times
         dest = _destination(kind, tmp_path, i, request)
         env = _release_env(node, dest)
-        proc = subprocess.Popen(_release_argv(dest), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.05, 0.95) * window)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            killed += 1
-        else:
-            window *= 0.8  # this machine runs faster now than when the window was timed
-        proc.wait()
+        hit, window = _kill_at_random(_release_argv(dest), env, rng, window)
+        killed += hit
         if _objects(dest, "job-1/tvm-1/"):
             stored_part += 1
         if not (node / "shared" / "job-1").exists():
@@ -145,14 +151,8 @@ def test_prep_killed_at_random_moments_then_run_again_lands_the_same_bytes(
             break
         attempts += 1
         job = f"kill-{i}"
-        proc = subprocess.Popen(argv(job), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.05, 0.95) * window)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            killed += 1
-        else:
-            window *= 0.8  # this machine runs faster now than when the window was timed
-        proc.wait()
+        hit, window = _kill_at_random(argv(job), env, rng, window)
+        killed += hit
         job_dir = batch_node.shared / job
         if job_dir.exists() and tree(job_dir) != expected:
             partial_left += 1

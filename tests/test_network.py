@@ -28,7 +28,7 @@ FILES = {"a.txt": b"alpha\n", "d/b.bin": os.urandom(70_000), "d/e/c.bin": os.ura
 
 
 @pytest.fixture
-def proxy() -> Iterator[ForwardProxy]:
+def forward_proxy() -> Iterator[ForwardProxy]:
     p = ForwardProxy().start()
     try:
         yield p
@@ -89,7 +89,7 @@ def test_https_trusted_works_untrusted_and_wrong_name_fail_at_once(azurite_tls: 
 
 
 @pytest.mark.parametrize("variable", ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"])
-def test_proxy_variables_carry_every_request_of_prep_and_release(variable: str, proxy: ForwardProxy,
+def test_proxy_variables_carry_every_request_of_prep_and_release(variable: str, forward_proxy: ForwardProxy,
                                                                  azurite: Azurite, azurite_tls: Azurite, tls: Tls,
                                                                  release_node: ReleaseNode,  # noqa: F811
                                                                  tmp_path: Path) -> None:
@@ -99,7 +99,8 @@ def test_proxy_variables_carry_every_request_of_prep_and_release(variable: str, 
     expected = _fill(remote)
     hidden = server.via("127.0.0.2")  # nothing listens there: only the proxy can reach it
     url = f"{hidden.endpoint}/{remote.container}"
-    env = release_node.env(AZURE_STORAGE_CONNECTION_STRING=hidden.connection_string, **{variable: proxy.url}, **ca)
+    env = release_node.env(AZURE_STORAGE_CONNECTION_STRING=hidden.connection_string, **{variable: forward_proxy.url},
+                           **ca)
     node = release_node.node
     run(["prep", f"in={url}", "--job-id", "job-1", "--report", str(tmp_path / "p.json")], env)
     assert tree(node.job_dir) == {**expected, "task-output.txt": b"written by a task", "input/data.bin":
@@ -111,13 +112,13 @@ def test_proxy_variables_carry_every_request_of_prep_and_release(variable: str, 
                     "job-1/tvm-1/manifest.json"]
     assert not node.job_dir.exists()
     if server is azurite_tls:
-        assert proxy.tunnels[f"127.0.0.2:{server.port}"] >= 1 and not proxy.requests
+        assert forward_proxy.tunnels[f"127.0.0.2:{server.port}"] >= 1 and not forward_proxy.requests
     else:
-        seen = proxy.requests
+        seen = forward_proxy.requests
         assert seen[f"GET 127.0.0.2:{server.port}"] >= len(FILES) and seen[f"PUT 127.0.0.2:{server.port}"] >= 3
 
 
-def test_no_proxy_names_the_host_and_nothing_goes_through_the_proxy(proxy: ForwardProxy, azurite: Azurite,
+def test_no_proxy_names_the_host_and_nothing_goes_through_the_proxy(forward_proxy: ForwardProxy, azurite: Azurite,
                                                                      azurite_tls: Azurite, tls: Tls,
                                                                      batch_node: BatchNode) -> None:
     for server, variable, no_proxy in ((azurite, "HTTP_PROXY", "NO_PROXY"), (azurite_tls, "https_proxy", "no_proxy")):
@@ -126,22 +127,22 @@ def test_no_proxy_names_the_host_and_nothing_goes_through_the_proxy(proxy: Forwa
         expected = _fill(remote)
         job = f"direct-{server.scheme}"
         run(["prep", f"in={remote.url}", "--job-id", job],
-            batch_node.env(AZURE_STORAGE_CONNECTION_STRING=server.connection_string, **{variable: proxy.url},
+            batch_node.env(AZURE_STORAGE_CONNECTION_STRING=server.connection_string, **{variable: forward_proxy.url},
                            **{no_proxy: "localhost,127.0.0.1"}, **ca))
         assert tree(batch_node.shared / job) == expected
-    assert not proxy.tunnels and not proxy.requests
+    assert not forward_proxy.tunnels and not forward_proxy.requests
 
 
 def test_managed_identity_end_to_end_prep_and_release(azurite_tls: Azurite, tls: Tls, tokens: TokenEndpoint,
-                                                      proxy: ForwardProxy,
+                                                      forward_proxy: ForwardProxy,
                                                       release_node: ReleaseNode,  # noqa: F811
                                                       tmp_path: Path) -> None:
     remote = BlobRemote(azurite_tls, verify=str(tls.ca.cert))
     expected = _fill(remote)
     hidden = azurite_tls.via("127.0.0.2")
     # the token endpoint is reachable only through the proxy too: tokens honour HTTP_PROXY as data does
-    env = release_node.env(REQUESTS_CA_BUNDLE=str(tls.ca.cert), HTTPS_PROXY=proxy.url, HTTP_PROXY=proxy.url,
-                           **tokens.env(host="127.0.0.2"))
+    env = release_node.env(REQUESTS_CA_BUNDLE=str(tls.ca.cert), HTTPS_PROXY=forward_proxy.url,
+                           HTTP_PROXY=forward_proxy.url, **tokens.env(host="127.0.0.2"))
     run(["prep", f"in={hidden.endpoint}/{remote.container}", "--identity-client-id", "cid-1234", "--job-id",
          "job-1", "--report", str(tmp_path / "p.json")], env)
     node = release_node.node
@@ -151,7 +152,7 @@ def test_managed_identity_end_to_end_prep_and_release(azurite_tls: Azurite, tls:
     kept = sorted(b.name for b in remote.client.list_blobs(name_starts_with="job-1/tvm-1/"))
     assert "job-1/tvm-1/logs.tar.gz" in kept and not node.job_dir.exists()
     assert tokens.issued >= 2 and set(tokens.client_ids) == {"cid-1234"}
-    assert proxy.requests[f"GET 127.0.0.2:{tokens.port}"] >= 2  # the token requests went through the proxy
+    assert forward_proxy.requests[f"GET 127.0.0.2:{tokens.port}"] >= 2  # the token requests went through the proxy
 
 
 def test_a_token_renewal_that_fails_mid_run_keeps_the_valid_token(azurite_tls: Azurite, tls: Tls,

@@ -28,7 +28,7 @@ from urllib.parse import parse_qs
 
 import pytest
 from azurite import free_port
-from conftest import ROOT, Azurite, BatchNode, BlobRemote, LocalRemote, Remote, remote_env, tree
+from conftest import ROOT, BatchNode, BlobRemote, LocalRemote, Remote, remote_env, tree
 from faultproxy import FaultProxy, Rule
 from helpers import report, run
 
@@ -882,13 +882,6 @@ def test_every_dump_already_kept_is_recognised(small_node: SmallNode, tmp_path: 
 
 
 # -- reading back what storage holds -----------------------------------------------------------------------
-@pytest.fixture
-def proxy(azurite: Azurite) -> Iterator[FaultProxy]:
-    p = FaultProxy(azurite.port).start()
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 def test_storage_that_drops_the_content_md5_is_not_taken_as_verified_and_nothing_is_wiped(
