@@ -145,6 +145,7 @@ TARGETS: dict[str, Target] = {
             S + "test_release_wipes_links_but_never_follows_them",
             "tests/test_release.py::test_unsafe_environment_is_refused_and_nothing_deleted",
             "tests/test_prep_errors.py",
+            "tests/test_hostile.py",
             "tests/test_faults.py::test_no_job_id_lets_prep_or_release_leave_the_job_folders",
             "tests/test_release.py::test_symlink_in_job_folder_is_removed_not_followed",
         ),

@@ -16,11 +16,12 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from nodekit.errors import BatchEnvError, NotFound, UnsafeInput
+from nodekit.errors import BatchEnvError, NotFound, SourceError, UnsafeInput
 
 # Batch ids: letters, digits, hyphens and underscores, at most 64 characters.
 _BATCH_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -72,6 +73,19 @@ class BatchEnv:
     def with_overrides(self, **values: str | None) -> BatchEnv:
         """A copy with the given fields replaced where the value is not None (command-line options)."""
         return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+    def with_job_id(self, option: str | None, described: str | None) -> BatchEnv:
+        """A copy whose job id is `option` (--job-id), else AZ_BATCH_JOB_ID, else `described` (the
+        description file's job_id). A description naming another job than the one this runs for is
+        refused (UnsafeInput): a job.json reused for the next job must not make release wipe the last one's folder.
+        """
+        current = option or self.job_id
+        if described and current and current.strip() != described.strip():
+            given = "--job-id" if option else "AZ_BATCH_JOB_ID"
+            raise UnsafeInput(f"the description file names job {described!r}, but this is job {current!r} ({given}): "
+                              "refusing to act on another job's folder; correct job_id in the description file "
+                              "or leave it out.")
+        return replace(self, job_id=current or described)
 
     def require(self, field: str) -> str:
         """The value of `field`, or BatchEnvError naming the variable and the option to use."""
@@ -158,6 +172,10 @@ def check_dest(shared: Path, dest: Path, job_id: str | None) -> None:
     if top.startswith(RESERVED_PREFIX):
         raise UnsafeInput(f"the destination {dest} lies in {shared / top}, nodekit's own folder (its venv or the "
                           "node's cache): refusing to fill it.")
+    own = next((part for part in dest.relative_to(shared).parts[1:] if part.startswith(RESERVED_PREFIX)), None)
+    if own is not None:
+        raise UnsafeInput(f"the destination {dest} lies in a folder named {own}, which nodekit keeps for its own "
+                          "records (names starting with .nodekit are reserved): choose another folder.")
     if _BATCH_ID.match(top) and top != job_id:
         if job_id is None:
             raise UnsafeInput(f"the destination {dest} lies in {shared / top}, which may be a job's folder: give "
@@ -171,14 +189,18 @@ def check_local_source(shared: Path, job_dir: Path, path: str) -> None:
 
     UnsafeInput when the source (links resolved) is, contains or lies inside the job folder, lies in
     nodekit's own folders (`.nodekit`, the cache) or in another job's folder; NotFound when it is a
-    link loop. `shared` and `job_dir` must be resolved. Touches nothing.
+    link loop; SourceError when it is neither a folder nor a regular file. `shared` and `job_dir`
+    must be resolved. Touches nothing.
     """
     try:
-        os.stat(path)
+        mode = os.stat(path).st_mode
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise NotFound(f"source {path} cannot be read: it is a loop of symbolic links.") from None
         return  # missing or unreadable: the store says so when it lists
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise SourceError(f"source {path} is neither a folder nor a regular file (a device, a pipe or a socket): "
+                          "give a folder or a file.")
     real = Path(os.path.realpath(path))
     if real == job_dir or job_dir in real.parents or real in job_dir.parents:
         raise UnsafeInput(f"source {path} resolves to {real}, which is, contains or lies inside the job folder "

@@ -131,6 +131,11 @@ class NodekitGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as err:  # one line, as every other error (click would add two of usage)
+            where = err.ctx.command_path if err.ctx is not None else ctx.command_path
+            message = printable(scrub(err.format_message())).rstrip().removesuffix(".")
+            click.echo(f"Error: {message} (see '{where} --help').", err=True)
+            ctx.exit(int(ExitCode.USAGE))
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except NodekitError as err:
@@ -288,7 +293,7 @@ def prep_command(sources: tuple[str, ...], spec_path: str | None, include: tuple
         skip_archived=bool(skip_archived if skip_archived is not None else settings.skip_archived),
     )
     parse_budget(opts.cache_max_size, "prep.cache_max_size")  # from --spec: a usage error before anything happens
-    env = BatchEnv.from_environ(os.environ).with_overrides(shared_dir=shared_dir, job_id=job_id or spec.job_id)
+    env = BatchEnv.from_environ(os.environ).with_overrides(shared_dir=shared_dir).with_job_id(job_id, spec.job_id)
     creds = CredentialEnv.from_environ(os.environ, client_id=identity_client_id)
     result = run_prep(opts, env, creds, emit=echo, net=_net(read_timeout))
     echo(result.summary())
@@ -380,7 +385,7 @@ def release_command(upload_to: SourceSpec | None, spec_path: str | None, logs: t
         job_outputs=job_outputs or rs.job_outputs,
     )
     env = BatchEnv.from_environ(os.environ).with_overrides(
-        shared_dir=shared_dir, job_id=job_id or spec.job_id, node_id=node_id, root_dir=root_dir)
+        shared_dir=shared_dir, node_id=node_id, root_dir=root_dir).with_job_id(job_id, spec.job_id)
     creds = CredentialEnv.from_environ(os.environ, client_id=identity_client_id)
     result = run_release(opts, env, creds, emit=echo, net=_net())
     echo(result.summary())

@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path, PureWindowsPath
 from string import Template
 from typing import Any
+from urllib.parse import parse_qsl
 
 from nodekit import __version__
 from nodekit.batchenv import check_job_id
@@ -56,6 +57,11 @@ _CREDENTIALS = [
     (re.compile(r"(?i)\bbearer\s+\S+"), "a bearer token"),
 ]
 _SECRET_NAMES = re.compile(r"(?i)(KEY|SECRET|PASSWORD|TOKEN|CONNECTION_STRING|SAS)")
+# A URL's query string (what follows '?' up to a fragment or a space) and the parameter names in it
+# that carry credentials on Azure, S3, GCS and OAuth-style links (checked after percent-decoding).
+_URL_QUERY = re.compile(r"\?([^#\s]*)")
+_SECRET_PARAM = re.compile(r"(?i)^(sig|signature|x-amz-.*|x-goog-.*|.*(token|key|secret|password|passwd|pwd|"
+                           r"credential|auth).*)$")
 NO_RELEASE = ReleaseSettings()
 _WIN_SAFE = re.compile(r"^[A-Za-z0-9_./:=+@,-]+$")
 _BASH_SAFE = re.compile(r"^[A-Za-z0-9_./:=+@,%-]+$")
@@ -162,14 +168,24 @@ def check(desc: Description) -> None:
                               "can read the job; give the pool a managed identity instead.")
 
 
+def _credential_in_query(text: str) -> str | None:
+    """What a URL's query string holds that looks like a credential (`sig`, `token`, `X-Amz-Signature`,
+    percent-encoded or not), named by its parameter; None if nothing does."""
+    for url in _URL_QUERY.findall(text):
+        for key, _ in parse_qsl(url, keep_blank_values=True):
+            if _SECRET_PARAM.search(key):
+                return f"a credential in its query string (the {key!r} parameter)"
+    return None
+
+
 def refuse_credential(where: str, text: str) -> None:
     """UnsafeInput if `text` holds a credential cmdline recognises; the message never holds the value."""
-    for pattern, what in _CREDENTIALS:
-        if pattern.search(text):
-            raise UnsafeInput(
-                f"{where}: it holds {what}, a credential that would be written into the job or the pool, where "
-                "anyone who can read them sees it: remove it and use --identity-client-id (a managed identity) "
-                "or AZURE_STORAGE_* variables that the pool provides.")
+    found = next((what for pattern, what in _CREDENTIALS if pattern.search(text)), None) or _credential_in_query(text)
+    if found:
+        raise UnsafeInput(
+            f"{where}: it holds {found}, a credential that would be written into the job or the pool, where "
+            "anyone who can read them sees it: remove it and use --identity-client-id (a managed identity) "
+            "or AZURE_STORAGE_* variables that the pool provides.")
 
 
 def _named(source: SourceSpec) -> str:

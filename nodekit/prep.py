@@ -246,6 +246,11 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
     sys.setswitchinterval(0.001)
     if not opts.sources:
         raise UsageError("no source given: pass SOURCE arguments or --spec FILE.")
+    names = [s.name for s in opts.sources]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(f"two sources are both named {twice[0]!r} (each lands in the folder of its name): "
+                         "give each its own NAME=SOURCE.")
     flt = GlobFilter(opts.include, opts.exclude)
     shared, job_dir = job_folder(env, opts.dest)
     ensure_inside(shared, job_dir, what="the job folder", strict_child=True)

@@ -45,7 +45,16 @@ from nodekit import conventions
 from nodekit.batchenv import RESERVED_PREFIX, BatchEnv, check_job_id, ensure_inside, is_batch_id, shared_root
 from nodekit.cache import CACHE_DIR
 from nodekit.credentials import CredentialEnv
-from nodekit.errors import AccessDenied, ExitCode, LocalIOError, NodekitError, TransientError, UnsafeInput, UsageError
+from nodekit.errors import (
+    AccessDenied,
+    BatchEnvError,
+    ExitCode,
+    LocalIOError,
+    NodekitError,
+    TransientError,
+    UnsafeInput,
+    UsageError,
+)
 from nodekit.names import PARTIAL_SUFFIX, STATE_DIR, check_globs, glob_match, unsafe_reason
 from nodekit.plan import human_bytes
 from nodekit.report import report_path, write_report
@@ -181,7 +190,7 @@ class JobPlaces:
     shared: Path
     job_dir: Path  # SHARED/JOB_ID: what prep filled and tasks may have written to
     work: Path  # ROOT/workitems/JOB_ID: the job's task folders
-    own_task: Path | None  # the release task's own folder: never touched
+    own_tasks: tuple[Path, ...]  # the release task's own folder (as each clue names it): never touched
     job_id: str
     node_id: str
 
@@ -201,9 +210,35 @@ def job_places(env: BatchEnv) -> JobPlaces:
     root = Path(os.path.realpath(env.require("root_dir")))
     if root == Path(root.anchor):
         raise UnsafeInput(f"AZ_BATCH_NODE_ROOT_DIR resolves to {root}, the root of a file system: refusing it.")
+    if not root.is_dir():
+        raise BatchEnvError(f"AZ_BATCH_NODE_ROOT_DIR {env.root_dir} is not a folder on this node: check it, or pass "
+                            "--root-dir for a local run (release looks for the job's logs under it).")
     work = root / "workitems" / job_id
-    own = Path(os.path.realpath(env.task_dir)) if env.task_dir else None
-    return JobPlaces(shared, job_dir, work, own, job_id, node_id)
+    return JobPlaces(shared, job_dir, work, _own_tasks(env, work), job_id, node_id)
+
+
+def _own_tasks(env: BatchEnv, work: Path) -> tuple[Path, ...]:
+    """The release task's own folder, resolved, as each clue names it: AZ_BATCH_TASK_DIR, the parent of
+    AZ_BATCH_TASK_WORKING_DIR, and the task folder (WORK/job-N/TASK) this process runs in."""
+    clues = [env.task_dir, os.path.dirname(env.task_working_dir.rstrip("/\\")) if env.task_working_dir else None]
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if work in cwd.parents and len(cwd.relative_to(work).parts) >= 2:
+        clues.append(str(work.joinpath(*cwd.relative_to(work).parts[:2])))
+    return tuple(dict.fromkeys(Path(os.path.realpath(c)) for c in clues if c and c.strip()))
+
+
+def check_own_task(places: JobPlaces, env: BatchEnv) -> None:
+    """For --wipe-task-dirs: BatchEnvError unless the release task's own folder is known and is one of
+    the job's task folders, so that the wipe of the others can leave it alone. Touches nothing."""
+    if not (env.task_dir or env.task_working_dir):
+        raise BatchEnvError("AZ_BATCH_TASK_DIR is not set: --wipe-task-dirs must know the release task's own folder "
+                            "to leave it alone; run this as a job release task, or set AZ_BATCH_TASK_DIR for a "
+                            "local run.")
+    for own in places.own_tasks:
+        if places.work not in own.parents:
+            raise BatchEnvError(f"AZ_BATCH_TASK_DIR (or AZ_BATCH_TASK_WORKING_DIR) names {own}, which is not a task "
+                                f"folder of job {places.job_id} under {places.work}: --wipe-task-dirs cannot tell "
+                                "its own folder from the others; check the variables.")
 
 
 def _is_dir(path: Path) -> bool:
@@ -222,7 +257,7 @@ def task_dirs(places: JobPlaces) -> list[Path]:
         if not run.name.startswith("job-") or not _is_dir(run):
             continue
         for task in sorted(run.iterdir()):
-            if _is_dir(task) and (places.own_task is None or Path(os.path.realpath(task)) != places.own_task):
+            if _is_dir(task) and Path(os.path.realpath(task)) not in places.own_tasks:
                 out.append(task)
     return out
 
@@ -373,6 +408,12 @@ def check_destination(places: JobPlaces, dest: SourceSpec, wipe_task_dirs: bool,
     if not os.path.isabs(raw):
         raise UsageError(f"--upload-to {dest.path}: a local destination must be an absolute path (a relative one "
                          "resolves in the release task's working folder, which Batch deletes).")
+    existing = Path(os.path.realpath(raw))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--upload-to {dest.path}: {existing} is not a folder: give a folder (created if missing) "
+                         "or a blob container URL.")
     target = Path(os.path.realpath(raw)).joinpath(*(below if below is not None else (places.job_id, places.node_id)))
 
     def refuse(what: str) -> None:
@@ -390,8 +431,8 @@ def check_destination(places: JobPlaces, dest: SourceSpec, wipe_task_dirs: bool,
             refuse(f"{places.shared / top}, another job's folder")
     if wipe_task_dirs and places.work in target.parents:
         parts = target.relative_to(places.work).parts
-        if len(parts) >= 3 and parts[2] == "wd" and parts[0].startswith("job-") and not (
-                places.own_task is not None and places.work / parts[0] / parts[1] == places.own_task):
+        task = places.work.joinpath(*parts[:2])
+        if len(parts) >= 3 and parts[2] == "wd" and parts[0].startswith("job-") and task not in places.own_tasks:
             refuse(f"the working folder of task {parts[1]} (--wipe-task-dirs)")
 
 
@@ -413,7 +454,7 @@ def _guard(places: JobPlaces, target: Path) -> None:
     real = parent / target.name
     if real == base:
         raise UnsafeInput(f"refusing to wipe {target}: it is {base} itself.")
-    if places.own_task is not None and (places.own_task == real or real in places.own_task.parents):
+    if any(own == real or real in own.parents for own in places.own_tasks):
         raise UnsafeInput(f"refusing to wipe {target}: it holds the release task's own folder.")
 
 
@@ -1012,6 +1053,8 @@ def run_release(opts: ReleaseOptions, env: BatchEnv, creds: CredentialEnv,
     places = job_places(env)
     where = _where(opts, places)
     check_destination(places, opts.upload_to, opts.wipe_task_dirs, opts.purge_cache, where.below)
+    if opts.wipe_task_dirs:
+        check_own_task(places, env)
     reserve = min(60.0, 0.2 * opts.deadline)  # time kept back for the wipe
     stop_at = started + opts.deadline - reserve
     ctx = RunContext(timeout=max(1.0, opts.deadline - reserve))

@@ -270,6 +270,11 @@ SRC = "https://acct1.blob.core.windows.net/data"
         (["https://user:c2VjcmV0@files.example.com/data/model.tgz"], 6, "a password in a URL (user:password@)"),
         ([SRC, "--upload-to", "https://user:c2VjcmV0@acct1.blob.core.windows.net/logs"], 6, "user:password@"),
         ([SRC, "--upload-to", "logs"], 2, "a local destination must be an absolute path"),
+        # any query parameter that carries a credential, percent-encoded or not (helper review, issue 16)
+        (["https://files.example.com/model.bin?token=c2VjcmV0"], 6, "the 'token' parameter"),
+        (["https://b.s3.amazonaws.com/m.bin?X-Amz-Credential=k&X-Amz-Signature=c2VjcmV0"], 6, "'X-Amz-Credential'"),
+        (["https://acct1.blob.core.windows.net/data/v2?%73ig=c2VjcmV0"], 6, "the 'sig' parameter"),
+        ([SRC, "--env", "MODEL=https://files.example.com/m.bin?access_token=c2VjcmV0"], 6, "'access_token'"),
     ],
 )
 def test_refusals(args: list[str], code: int, message: str) -> None:
@@ -395,3 +400,9 @@ def test_the_start_task_needs_a_wheel_until_batch_nodekit_is_published() -> None
               "--install", "batch-nodekit @ file:///mnt/tools/batch_nodekit-0.1.0-py3-none-any.whl"], {})
     assert "batch-nodekit @ file:///mnt/tools/" in json.loads(ok.stdout)["startTask"]["commandLine"]
     assert "nodekit==" not in ok.stdout
+
+
+def test_a_url_whose_query_carries_no_credential_is_passed_on() -> None:
+    result = run(["cmdline", "--job-id", "job1", "--upload-to", "https://acct1.blob.core.windows.net/logs",
+                  "m=https://files.example.com/model.bin?download=1&version=3"], {})
+    assert "m=https://files.example.com/model.bin?download=1&version=3" in result.stdout

@@ -142,6 +142,16 @@ PREP_CASES = [
          ExitCode.UNSAFE, "nodekit's own folder"),
     Case("dest-another-job", lambda n, t: (["prep", "builtin:sample", "--dest", str(_other_job(n))], n.env()),
          ExitCode.UNSAFE, "another job's folder (this job is job-1)"),
+    # helper review, issue 16
+    Case("source-is-a-device", lambda n, t: (["prep", "x=/dev/null"], n.env()),
+         ExitCode.SOURCE, "source /dev/null is neither a folder nor a regular file"),
+    Case("dest-in-the-job-records", lambda n, t: (["prep", "builtin:sample", "--dest", "job-1/.nodekit"], n.env()),
+         ExitCode.UNSAFE, "names starting with .nodekit are reserved"),
+    Case("spec-names-another-job", lambda n, t: (["prep", "--spec", _spec(t, json.dumps(
+        {"nodekit": 1, "job_id": _other_job(n).name, "prep": {"sources": ["builtin:sample"]}}))], n.env()),
+         ExitCode.UNSAFE, "the description file names job 'other-job', but this is job 'job-1' (AZ_BATCH_JOB_ID)"),
+    Case("two-sources-one-name", lambda n, t: (["prep", f"in={_sample(n, t)}", "in=builtin:sample"], n.env()),
+         ExitCode.USAGE, "two sources are both named 'in'"),
     Case("control-characters", lambda n, t: (["prep", f"in={t}/no\nsuch\x1b[31mfolder"], n.env()),
          ExitCode.SOURCE, "no\\nsuch\\x1b[31mfolder does not exist"),
 ]
@@ -177,8 +187,8 @@ def _release_node(node: BatchNode) -> Path:
 
 
 def _release_env(node: BatchNode, own: Path, **extra: str) -> dict[str, str]:
-    return node.env(AZ_BATCH_TASK_ID="jobrelease", AZ_BATCH_TASK_DIR=str(own),
-                    AZ_BATCH_TASK_WORKING_DIR=str(own / "wd"), **extra)
+    return node.env(**{"AZ_BATCH_TASK_ID": "jobrelease", "AZ_BATCH_TASK_DIR": str(own),
+                       "AZ_BATCH_TASK_WORKING_DIR": str(own / "wd"), **extra})
 
 
 RELEASE_CASES = [
@@ -207,6 +217,26 @@ RELEASE_CASES = [
          ExitCode.UNSAFE, "the node's cache, purged by --purge-cache"),
     Case("upload-to-another-job", lambda n, t: (["release", "--upload-to", str(_other_job(n) / "logs")], {}),
          ExitCode.UNSAFE, "another job's folder"),
+    # helper review, issue 16
+    Case("upload-to-a-file", lambda n, t: (
+        ["release", "--upload-to", str((t / "a-file").write_text("x") and t / "a-file" / "logs")], {}),
+         ExitCode.USAGE, "a-file is not a folder: give a folder"),
+    Case("upload-to-dev-null", lambda n, t: (["release", "--upload-to", "/dev/null"], {}),
+         ExitCode.USAGE, "/dev/null is not a folder"),
+    Case("root-dir-missing", lambda n, t: (["release", "--upload-to", str(t / "kept")],
+                                           {"AZ_BATCH_NODE_ROOT_DIR": str(t / "no-such-root")}),
+         ExitCode.BATCH_ENV, "AZ_BATCH_NODE_ROOT_DIR"),
+    Case("wipe-task-dirs-without-own-folder", lambda n, t: (
+        ["release", "--upload-to", str(t / "kept"), "--wipe-task-dirs"],
+        {"AZ_BATCH_TASK_DIR": "", "AZ_BATCH_TASK_WORKING_DIR": ""}),
+         ExitCode.BATCH_ENV, "AZ_BATCH_TASK_DIR is not set: --wipe-task-dirs must know the release task's own"),
+    Case("wipe-task-dirs-own-folder-elsewhere", lambda n, t: (
+        ["release", "--upload-to", str(t / "kept"), "--wipe-task-dirs"],
+        {"AZ_BATCH_TASK_DIR": str(t), "AZ_BATCH_TASK_WORKING_DIR": ""}),
+         ExitCode.BATCH_ENV, "which is not a task folder of job job-1"),
+    Case("spec-names-another-job", lambda n, t: (["release", "--spec", _spec(t, json.dumps(
+        {"nodekit": 1, "job_id": _other_job(n).name, "release": {"upload_to": str(t / "kept")}}))], {}),
+         ExitCode.UNSAFE, "the description file names job 'other-job', but this is job 'job-1'"),
 ]
 
 
@@ -221,6 +251,50 @@ def test_release_refuses_what_would_destroy_what_it_keeps(case: Case, batch_node
     assert case.message in result.stderr
     assert len([line for line in result.stderr.splitlines() if line.startswith("Error:")]) == 1
     assert snapshot(tmp_path) == before  # nothing uploaded, nothing wiped, no report
+
+
+def test_release_knows_its_own_folder_from_its_working_folder_or_where_it_runs(batch_node: BatchNode,
+                                                                               tmp_path: Path) -> None:
+    """AZ_BATCH_TASK_DIR unset: the parent of AZ_BATCH_TASK_WORKING_DIR, or the task folder the process
+    runs in, is the release task's own; --wipe-task-dirs leaves it and its logs alone."""
+    own = _release_node(batch_node)
+    (own / "stdout.txt").write_text("release's own output\n")
+    for n, extra in enumerate(({"AZ_BATCH_TASK_DIR": ""},
+                               {"AZ_BATCH_TASK_DIR": str(own), "AZ_BATCH_TASK_WORKING_DIR": ""})):
+        (batch_node.job_dir / "in").mkdir(parents=True, exist_ok=True)
+        work = batch_node.root / "workitems" / batch_node.job_id / "job-1"
+        (work / "task001" / "wd").mkdir(exist_ok=True)
+        cwd = os.getcwd()
+        os.chdir(own / "wd")  # where Batch runs the release task
+        try:
+            result = run(["release", "--upload-to", str(tmp_path / f"kept{n}"), "--wipe-task-dirs"],
+                         _release_env(batch_node, own, **extra))
+        finally:
+            os.chdir(cwd)
+        assert (own / "wd").is_dir() and (own / "stdout.txt").exists(), result.stdout
+        assert not (work / "task001" / "wd").exists() and not batch_node.job_dir.exists()
+        manifest = json.loads((tmp_path / f"kept{n}" / batch_node.job_id / "tvm-1" / "manifest.json").read_text())
+        assert "jobrelease" not in json.dumps(manifest), manifest
+
+
+def test_a_local_source_copies_linked_files_and_names_each_entry_it_skips(batch_node: BatchNode,
+                                                                         tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "real").mkdir(parents=True)
+    (src / "real" / "f.txt").write_text("in a folder")
+    (tmp_path / "store.bin").write_bytes(b"from the store")
+    (src / "linked.bin").symlink_to(tmp_path / "store.bin")
+    (src / "folder-link").symlink_to(src / "real")
+    (src / "dangling").symlink_to(tmp_path / "nothing")
+    os.mkfifo(src / "pipe")
+    result = run(["prep", f"in={src}", "--progress-interval", "0"], batch_node.env())
+    landed = batch_node.job_dir / "in"
+    assert (landed / "linked.bin").read_bytes() == b"from the store" and not (landed / "linked.bin").is_symlink()
+    assert (landed / "real" / "f.txt").read_text() == "in a folder"
+    assert not any((landed / name).exists() for name in ("folder-link", "dangling", "pipe"))
+    for name, why in (("folder-link", "a link to a folder"), ("dangling", "a link to nothing"),
+                      ("pipe", "neither a file nor a folder")):
+        assert f"skipped {src / name} in the source: {why}" in result.stderr, result.stderr
 
 
 def test_a_task_working_folder_is_a_fine_destination_when_it_is_not_wiped(batch_node: BatchNode,
@@ -340,6 +414,22 @@ def test_a_disk_filling_mid_run_is_exit_8_with_the_path_and_a_report(
     assert "Traceback" not in out.stderr
 
 
+def test_a_source_may_be_a_folder_no_job_owns_or_another_folder_of_this_jobs(batch_node: BatchNode) -> None:
+    """The refusals above stop at the job's own folders: reference data in a folder no job owns, or one
+    folder of this job's copied into another (`--dest job-1/models` from `job-1/raw`), is read."""
+    refdata = batch_node.shared / "refdata.v2"
+    refdata.mkdir()
+    (refdata / "r.txt").write_text("reference")
+    run(["prep", f"in={refdata}", "--progress-interval", "0"], batch_node.env())
+    assert (batch_node.job_dir / "in" / "r.txt").read_text() == "reference"
+    raw = batch_node.job_dir / "raw"
+    raw.mkdir()
+    (raw / "w.txt").write_text("weights")
+    run(["prep", f"in={raw}", "--dest", "job-1/models", "--progress-interval", "0"], batch_node.env())
+    assert (batch_node.job_dir / "models" / "in" / "w.txt").read_text() == "weights"
+    assert (raw / "w.txt").read_text() == "weights" and (refdata / "r.txt").read_text() == "reference"
+
+
 def test_dest_may_be_in_the_job_folder_or_a_folder_no_job_owns(batch_node: BatchNode, tmp_path: Path) -> None:
     src = _sample(batch_node, tmp_path)
     for dest, lands in (("job-1/models", batch_node.job_dir / "models"),
@@ -349,3 +439,13 @@ def test_dest_may_be_in_the_job_folder_or_a_folder_no_job_owns(batch_node: Batch
     env = {k: v for k, v in batch_node.env().items() if k != "AZ_BATCH_JOB_ID"}
     result = run(["prep", f"in={src}", "--dest", "some-job"], env, ok=False)
     assert result.exit_code == 6 and "which may be a job's folder: give --job-id" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["prep", "--timeout", "0", "builtin:sample"], ["prep", "--concurrency", "0"],
+                                  ["release"], ["prep", "--no-such-option"], ["cmdline", "--os", "dos"]])
+def test_a_usage_error_is_one_line_naming_the_help_to_read(args: list[str], batch_node: BatchNode) -> None:
+    result = run(args, batch_node.env(), ok=False)
+    assert result.exit_code == ExitCode.USAGE
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert lines[0].endswith(f" {args[0]} --help').")  # the command's own help (CliRunner calls nodekit 'cli')

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import errno
 import hashlib
+import logging
 import os
 import secrets
 import stat
@@ -15,6 +16,8 @@ from pathlib import Path
 from nodekit.errors import AccessDenied, LocalIOError, NotFound, UnsafeInput
 from nodekit.names import PARTIAL_SUFFIX, unsafe_reason
 from nodekit.storage import CHUNK, ObjectExists, RemoteFile, Sink, SourceChanged, hand_over
+
+log = logging.getLogger(__name__)
 
 _HOST = os.uname().nodename.replace("/", "_") if hasattr(os, "uname") else "host"
 
@@ -96,11 +99,17 @@ class LocalStore:
                     continue
                 try:
                     est = entry.stat(follow_symlinks=True)
-                except OSError:
-                    continue  # a dangling link: nothing to copy
-                if stat.S_ISREG(est.st_mode):
+                except OSError as err:
+                    log.warning("skipped %s in the source: a link to nothing (%s)", entry.path, err.strerror)
+                    continue
+                if stat.S_ISREG(est.st_mode):  # a file, or a link to one: its content is copied
                     etag, modified = _identity(est)
                     files.append(RemoteFile(name, est.st_size, etag, modified))
+                elif stat.S_ISDIR(est.st_mode):
+                    log.warning("skipped %s in the source: a link to a folder, which prep does not follow", entry.path)
+                else:
+                    log.warning("skipped %s in the source: neither a file nor a folder (a pipe, socket or device)",
+                                entry.path)
         files.sort(key=lambda f: f.name)
         return files
 
