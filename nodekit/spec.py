@@ -224,6 +224,8 @@ def parse_source(
         return _finish(SourceSpec(SourceKind.LOCAL, name or default_name, path, path=path, filter=filter), text, kind)
     if scheme in ("abfs", "abfss"):
         return _abfs(text, parts, name, kind, filter)
+    if scheme == "builtin":
+        raise UsageError(f"no embedded data named {text!r}: the only one is {', '.join(BUILTIN)}.")
     if scheme not in ("http", "https"):
         raise UsageError(
             f"unknown scheme '{parts.scheme}:' in source {display_url(text)!r}: "
@@ -474,7 +476,8 @@ def parse_spec(data: Any, *, origin: str = "description") -> Spec:
         sources.append(parse_source(item["url"], name=name, kind=item.get("kind"), filter=flt))
     timeout = prep_data.get("timeout")
     concurrency = prep_data.get("concurrency")
-    if concurrency is not None and (not isinstance(concurrency, int) or not 1 <= concurrency <= 256):
+    if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
+                                    or not 1 <= concurrency <= 256):
         raise UsageError(f"{origin}: prep.concurrency must be a whole number from 1 to 256.")
     dest = prep_data.get("dest")
     if dest is not None and not isinstance(dest, str):
@@ -536,7 +539,8 @@ def _parse_release(data: Any, origin: str) -> ReleaseSettings:
 
 
 def read_json(path: str | Path, what: str) -> Any:
-    """A JSON file decoded; UsageError naming `what` if unreadable, not JSON, or nested too deeply.
+    """A JSON file decoded; UsageError naming `what` if unreadable, not JSON, nested too deeply, or with a key
+    given twice in one object.
 
     Read as bytes, so that UTF-8 (with or without a byte-order mark), UTF-16 (as Windows PowerShell
     writes it) and UTF-32 are all read correctly.
@@ -547,8 +551,16 @@ def read_json(path: str | Path, what: str) -> Any:
         raise UsageError(f"cannot read {what} {path}: {err.strerror}.") from None
     import json  # not paid for by runs without a description file
 
+    def no_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        twice = next((k for k in keys if keys.count(k) > 1), None)
+        if twice is not None:
+            raise UsageError(f"{what} {path} gives {twice!r} twice in one object: keep one (JSON would silently "
+                             "take the last).")
+        return dict(pairs)
+
     try:
-        return json.loads(data)
+        return json.loads(data, object_pairs_hook=no_twice)
     except UnicodeDecodeError:
         raise UsageError(f"{what} {path} is not text in UTF-8, UTF-16 or UTF-32.") from None
     except json.JSONDecodeError as err:

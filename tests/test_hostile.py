@@ -150,6 +150,14 @@ PREP_CASES = [
     Case("spec-names-another-job", lambda n, t: (["prep", "--spec", _spec(t, json.dumps(
         {"nodekit": 1, "job_id": _other_job(n).name, "prep": {"sources": ["builtin:sample"]}}))], n.env()),
          ExitCode.UNSAFE, "the description file names job 'other-job', but this is job 'job-1' (AZ_BATCH_JOB_ID)"),
+    Case("spec-key-twice", lambda n, t: (["prep", "--spec", _spec(
+        t, '{"nodekit": 1, "prep": {"sources": ["builtin:sample"]}, "prep": {"sources": []}}')], n.env()),
+         ExitCode.USAGE, "gives 'prep' twice in one object"),
+    Case("spec-concurrency-true", lambda n, t: (["prep", "--spec", _spec(
+        t, '{"nodekit": 1, "prep": {"sources": ["builtin:sample"], "concurrency": true}}')], n.env()),
+         ExitCode.USAGE, "prep.concurrency must be a whole number"),
+    Case("builtin-unknown", lambda n, t: (["prep", "builtin:nonexistent"], n.env()),
+         ExitCode.USAGE, "no embedded data named 'builtin:nonexistent': the only one is builtin:sample"),
     Case("two-sources-one-name", lambda n, t: (["prep", f"in={_sample(n, t)}", "in=builtin:sample"], n.env()),
          ExitCode.USAGE, "two sources are both named 'in'"),
     Case("control-characters", lambda n, t: (["prep", f"in={t}/no\nsuch\x1b[31mfolder"], n.env()),
