@@ -26,7 +26,7 @@ ERROR_BODY = b'<?xml version="1.0" encoding="utf-8"?><Error><Code>%s</Code><Mess
 
 @dataclass
 class Rule:
-    kind: str  # "503", "500", "404", "reset", "stall", "slow", "strip", "echo"
+    kind: str  # "503", "500", "404", "reset", "stall", "slow", "strip", "echo", "flip" (the body's first byte)
     rate: float = 1.0
     pattern: str = ""
     max_count: int | None = None
@@ -224,6 +224,9 @@ class FaultProxy:
                 chunk = await up_reader.read(want)
                 if not chunk:
                     break
+                if rule is not None and rule.kind == "flip" and sent == 0:
+                    self.counts["flip"] += 1
+                    chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]  # damaged in transit, same length
                 writer.write(chunk)
                 sent += len(chunk)
                 self.bytes_by_path[path] += len(chunk)

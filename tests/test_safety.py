@@ -241,6 +241,19 @@ def test_a_wrong_md5_is_fetched_again_a_bounded_number_of_times_then_fails_with_
     assert "big.bin" not in (state.read_text() if state.exists() else "")
 
 
+def test_a_body_damaged_once_in_transit_is_fetched_again_and_lands_whole(proxy: FaultProxy, blob_remote: BlobRemote,
+                                                                          batch_node: BatchNode) -> None:
+    data = os.urandom(300_000)  # put whole: it has a Content-MD5; over 256 KiB: part is on disk before the check
+    blob_remote.put("a.bin", data)
+    proxy.set_rules([Rule("flip", pattern=r"/a\.bin$", max_count=1)])
+    via = f"http://127.0.0.1:{proxy.port}/devstoreaccount1/{blob_remote.container}"
+    run(["prep", f"in={via}", "--progress-interval", "0"], batch_node.env(**remote_env(blob_remote)))
+    assert proxy.counts["flip"] == 1
+    assert proxy.bytes_by_path[f"/devstoreaccount1/{blob_remote.container}/a.bin"] == 2 * len(data)
+    assert (batch_node.job_dir / "in" / "a.bin").read_bytes() == data  # the second copy only, from its first byte
+    assert not list(batch_node.job_dir.rglob("*.nodekit-partial"))
+
+
 def test_a_download_larger_than_the_free_disk_is_refused_before_writing_anything(batch_node: BatchNode,
                                                                                    tmp_path: Path) -> None:
     src = tmp_path / "src"
@@ -302,14 +315,18 @@ def test_names_too_long_for_the_disk_are_refused_up_front(blob_remote: BlobRemot
 
 
 class _NoDatesHandler(http.server.BaseHTTPRequestHandler):
-    """A server that says nothing about when its file changed (no Last-Modified, no ETag)."""
+    """A server that says nothing usable about when its file changed (no ETag; no Last-Modified, or
+    `last_modified`, text that is no date)."""
 
     body = b"generated on request\n"
     gets = 0
+    last_modified: str | None = None
 
     def do_HEAD(self) -> None:
         self.send_response(200)
         self.send_header("Content-Length", str(len(self.body)))
+        if self.last_modified is not None:
+            self.send_header("Last-Modified", self.last_modified)
         self.end_headers()
 
     def do_GET(self) -> None:
@@ -321,8 +338,11 @@ class _NoDatesHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_url_without_a_modification_time_lands_with_the_time_of_its_download(batch_node: BatchNode) -> None:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoDatesHandler)
+@pytest.mark.parametrize("last_modified", [None, "sometime last week"])
+def test_a_url_without_a_modification_time_lands_with_the_time_of_its_download(batch_node: BatchNode,
+                                                                              last_modified: str | None) -> None:
+    handler = type("Handler", (_NoDatesHandler,), {"last_modified": last_modified, "gets": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         before = time.time_ns()
@@ -334,7 +354,7 @@ def test_a_url_without_a_modification_time_lands_with_the_time_of_its_download(b
     landed = batch_node.job_dir / "gen" / "report.csv"
     assert landed.read_bytes() == _NoDatesHandler.body
     assert os.stat(landed).st_mtime_ns >= before - 1_000_000_000
-    assert _NoDatesHandler.gets == 1  # fetched once, checked once
+    assert handler.gets == 1  # fetched once, checked once
 
 
 def test_a_file_refused_once_on_the_fast_path_is_fetched_again_and_lands(proxy: FaultProxy, blob_remote: BlobRemote,

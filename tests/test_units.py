@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import os
+import time
+from pathlib import Path
+
 import pytest
 
 from nodekit.errors import UnsafeInput, UsageError
@@ -220,3 +226,31 @@ def test_every_sas_form_is_read_the_same_way() -> None:
             assert says in str(err) and "from AZURE_STORAGE_SAS_TOKEN" in str(err)
         else:
             raise AssertionError(f"{query} was not refused")
+
+
+def test_a_landing_over_a_stale_temporary_file_holds_only_what_arrived(tmp_path: Path) -> None:
+    """What a killed run left under the temporary name (longer than the new file) never shows through."""
+    from nodekit.land import Landing, partial_name
+
+    data = b"new content"
+    remote = RemoteFile("a.bin", len(data), "e", "Tue, 24 Nov 2026 10:00:00 GMT",
+                        content_md5=base64.b64encode(hashlib.md5(data).digest()).decode())
+    (tmp_path / partial_name("a.bin")).write_bytes(b"x" * 10_000)
+    landing = Landing("a.bin", remote, str(tmp_path / "a.bin"), hash_wanted=True)
+    landing.begin()
+    landing.write(data)
+    md5, verified, _ = landing.finish()
+    assert (tmp_path / "a.bin").read_bytes() == data and verified and md5 == remote.content_md5
+    assert os.stat(tmp_path / "a.bin").st_mtime_ns == 1_795_514_400 * 10**9
+    assert not (tmp_path / partial_name("a.bin")).exists()
+
+
+def test_a_landing_without_a_source_time_keeps_the_time_it_arrived(tmp_path: Path) -> None:
+    from nodekit.land import Landing
+
+    before = time.time_ns()
+    landing = Landing("b.txt", RemoteFile("b.txt", 2, "e", ""), str(tmp_path / "b.txt"), hash_wanted=False)
+    landing.begin()
+    landing.write(b"hi")
+    assert landing.finish()[:2] == (None, False)
+    assert (tmp_path / "b.txt").read_bytes() == b"hi" and os.stat(tmp_path / "b.txt").st_mtime_ns >= before - 10**9
