@@ -156,7 +156,8 @@ TARGETS: dict[str, Target] = {
     "release": Target(
         "nodekit/release.py",
         note="the wipe and release's keep-and-verify logic",
-        functions=("ReleaseResult.exit_code", "job_places", "_is_dir", "task_dirs", "collect", "wipe_targets",
+        functions=("ReleaseResult.exit_code", "job_places", "_own_tasks", "check_own_task", "_is_dir", "task_dirs",
+                   "collect", "wipe_targets",
                    "_guard", "wipe", "_Uploader.__init__", "_Uploader.already_there", "_Uploader.free_name",
                    "_Uploader._names", "_Uploader.put", "_Uploader.write_manifest", "run_release"),
         tests=(
@@ -188,6 +189,11 @@ TARGETS: dict[str, Target] = {
             "tests/test_faults.py::test_no_job_id_lets_prep_or_release_leave_the_job_folders",
             "tests/test_cache.py::test_release_leaves_other_jobs_and_the_cache_and_purge_removes_only_the_cache",
             "tests/test_faults.py::test_release_killed_during_its_upload_then_run_again_has_no_duplicates",
+            "tests/test_hostile.py::test_a_wipe_that_cannot_delete_everything_deletes_the_rest_after_keeping_the_logs_"
+            "and_ends_with_8",
+            "tests/test_hostile.py::test_release_knows_its_own_folder_from_its_working_folder_or_where_it_runs",
+            "tests/test_hostile.py::test_release_refuses_what_would_destroy_what_it_keeps",
+            "tests/test_conventions.py",
         ),
     ),
     "plan": Target(

@@ -584,3 +584,15 @@ def test_release_in_the_layout_killed_at_random_moments_then_run_again(kind: str
         shutil.rmtree(node)
     print(f"release, conventions layout ({kind}): {killed} of 6 runs killed; every re-run ended with the same objects")
     assert killed >= 3
+
+
+def test_job_outputs_never_take_preps_records_nor_a_download_in_progress(azurite: Azurite, tmp_path: Path) -> None:
+    job_id = f"Out{uuid.uuid4().hex[:8]}"
+    job = _make_job(tmp_path / "node", job_id, job_outputs={"results/r.json": b"{}\n"})
+    (job.node.job_dir / ".nodekit").mkdir()
+    (job.node.job_dir / ".nodekit" / "state.json").write_text('{"files": {}}')
+    (job.node.job_dir / "input" / ".late.bin.nodekit-partial").write_bytes(b"half")
+    env = job.env(AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string)
+    run(["release", "--upload-to", azurite.endpoint, "--layout", "conventions", "--job-outputs", "**"], env)
+    outputs = sorted(_blobs(azurite, container_name(job_id), "$JobOutput/"))
+    assert outputs == ["$JobOutput/input/data.bin", "$JobOutput/results/r.json"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -350,6 +351,31 @@ def _nodekit(args: list[str], env: dict[str, str], prefix: list[str] = (), **kw:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("AZ_BATCH_", "AZURE_", "NODEKIT_"))}
     return subprocess.run([*prefix, sys.executable, "-m", "nodekit", *args], env={**base, **env}, cwd=ROOT,
                           capture_output=True, text=True, timeout=120, **kw)  # type: ignore[call-overload]
+
+
+def test_a_wipe_that_cannot_delete_everything_deletes_the_rest_after_keeping_the_logs_and_ends_with_8(
+        batch_node: BatchNode, tmp_path: Path) -> None:
+    own = _release_node(batch_node)
+    locked = batch_node.job_dir / "locked"
+    locked.mkdir()
+    for name in ("a", "b"):
+        (locked / name).write_text(name)
+    (batch_node.job_dir / "free").mkdir()
+    (batch_node.job_dir / "free" / "f.txt").write_text("free")
+    locked.chmod(0o555)  # its files cannot be unlinked without root's override
+    try:
+        out = _nodekit(["release", "--upload-to", str(tmp_path / "kept")], _release_env(batch_node, own),
+                       _as_unprivileged())
+    finally:
+        locked.chmod(0o755)
+    assert out.returncode == 8, out.stderr
+    error = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and re.search(rf"cannot wipe {re.escape(str(locked))}/[ab]: Permission denied "
+                                         r"\(and \d+ more\); check the folder's permissions\.", error[0]), error
+    assert sorted(p.name for p in locked.iterdir()) == ["a", "b"]  # what could not go is still there, unchanged
+    assert not (batch_node.job_dir / "free").exists() and not (batch_node.job_dir / "in").exists()  # the rest went
+    kept = tmp_path / "kept" / batch_node.job_id / "tvm-1"
+    assert json.loads((kept / "manifest.json").read_text())["complete"] is True and (kept / "logs.tar.gz").exists()
 
 
 def test_a_read_only_job_folder_is_exit_8_with_the_path_and_a_report(batch_node: BatchNode, tmp_path: Path) -> None:
