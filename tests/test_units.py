@@ -254,3 +254,18 @@ def test_a_landing_without_a_source_time_keeps_the_time_it_arrived(tmp_path: Pat
     landing.write(b"hi")
     assert landing.finish()[:2] == (None, False)
     assert (tmp_path / "b.txt").read_bytes() == b"hi" and os.stat(tmp_path / "b.txt").st_mtime_ns >= before - 10**9
+
+
+def test_a_discarded_landing_closes_its_file_removes_it_and_may_be_discarded_again(tmp_path: Path) -> None:
+    from nodekit.land import Landing
+
+    landing = Landing("c.bin", RemoteFile("c.bin", 5, "e", ""), str(tmp_path / "c.bin"), hash_wanted=True)
+    landing.begin()
+    fd = landing.fd
+    landing.write(b"ab")
+    landing.discard()
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed, not leaked
+    assert list(tmp_path.iterdir()) == []
+    landing.discard()  # after a failure the caller may discard again: nothing left to do, nothing raised
+    assert list(tmp_path.iterdir()) == []
