@@ -262,10 +262,13 @@ def test_a_discarded_landing_closes_its_file_removes_it_and_may_be_discarded_aga
     landing = Landing("c.bin", RemoteFile("c.bin", 5, "e", ""), str(tmp_path / "c.bin"), hash_wanted=True)
     landing.begin()
     fd = landing.fd
+    inode = os.fstat(fd).st_ino
     landing.write(b"ab")
     landing.discard()
-    with pytest.raises(OSError):
-        os.fstat(fd)  # closed, not leaked
+    try:  # closed, not leaked (the number may have been reused since by another thread: then for another file)
+        assert os.fstat(fd).st_ino != inode
+    except OSError:
+        pass
     assert list(tmp_path.iterdir()) == []
     landing.discard()  # after a failure the caller may discard again: nothing left to do, nothing raised
     assert list(tmp_path.iterdir()) == []
