@@ -193,6 +193,10 @@ TARGETS: dict[str, Target] = {
             "tests/test_hostile.py::test_a_wipe_that_cannot_delete_everything_deletes_the_rest_after_keeping_the_logs_"
             "and_ends_with_8",
             "tests/test_hostile.py::test_release_knows_its_own_folder_from_its_working_folder_or_where_it_runs",
+            "tests/test_hostile.py::test_a_job_folder_that_is_a_link_the_wipe_cannot_remove_is_exit_8_and_its_target_"
+            "is_untouched",
+            "tests/test_hostile.py::test_a_task_that_wrote_only_to_stderr_has_it_kept",
+            "tests/test_release_keep.py",
             "tests/test_hostile.py::test_release_refuses_what_would_destroy_what_it_keeps",
             "tests/test_conventions.py",
         ),

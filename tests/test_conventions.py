@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from conftest import ROOT, Azurite, BatchNode
 from helpers import report, run
+from test_hostile import snapshot
 
 from nodekit.conventions import container_name, parse_job_ref
 from nodekit.errors import UsageError
@@ -596,3 +597,13 @@ def test_job_outputs_never_take_preps_records_nor_a_download_in_progress(azurite
     run(["release", "--upload-to", azurite.endpoint, "--layout", "conventions", "--job-outputs", "**"], env)
     outputs = sorted(_blobs(azurite, container_name(job_id), "$JobOutput/"))
     assert outputs == ["$JobOutput/input/data.bin", "$JobOutput/results/r.json"]
+
+
+def test_a_dry_run_in_the_conventions_layout_lists_every_object_and_changes_nothing(tmp_path: Path) -> None:
+    job = _make_job(tmp_path / "node", "DryConv1", dump=b"\0dump" * 100, job_outputs={"results/r.json": b"{}\n"})
+    before = snapshot(tmp_path)
+    out = run(["release", "--upload-to", str(tmp_path / "kept"), "--layout", "conventions", "--logs", "**/*.log",
+               "--outputs", "out/*.csv", "--job-outputs", "results/**", "--dry-run"], job.env()).stdout
+    for name in [*job.files, "task002/$TaskLog/core.gz"]:
+        assert f"/{name} <- " in out, (name, out)
+    assert snapshot(tmp_path) == before

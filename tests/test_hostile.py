@@ -17,6 +17,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -370,12 +371,43 @@ def test_a_wipe_that_cannot_delete_everything_deletes_the_rest_after_keeping_the
         locked.chmod(0o755)
     assert out.returncode == 8, out.stderr
     error = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
+    # a and b, then the two folders they keep from being removed: the first named, the other three counted
     assert len(error) == 1 and re.search(rf"cannot wipe {re.escape(str(locked))}/[ab]: Permission denied "
-                                         r"\(and \d+ more\); check the folder's permissions\.", error[0]), error
+                                         r"\(and 3 more\); check the folder's permissions\.", error[0]), error
     assert sorted(p.name for p in locked.iterdir()) == ["a", "b"]  # what could not go is still there, unchanged
     assert not (batch_node.job_dir / "free").exists() and not (batch_node.job_dir / "in").exists()  # the rest went
     kept = tmp_path / "kept" / batch_node.job_id / "tvm-1"
     assert json.loads((kept / "manifest.json").read_text())["complete"] is True and (kept / "logs.tar.gz").exists()
+
+
+def test_a_job_folder_that_is_a_link_the_wipe_cannot_remove_is_exit_8_and_its_target_is_untouched(
+        batch_node: BatchNode, tmp_path: Path) -> None:
+    own = _release_node(batch_node)
+    target = tmp_path / "elsewhere"
+    shutil.move(batch_node.job_dir, target)
+    batch_node.job_dir.symlink_to(target)
+    batch_node.shared.chmod(0o555)  # the link cannot be removed by the pool's user
+    try:
+        out = _nodekit(["release", "--upload-to", str(tmp_path / "kept")], _release_env(batch_node, own),
+                       _as_unprivileged())
+    finally:
+        batch_node.shared.chmod(0o755)
+    assert out.returncode == 8, out.stderr
+    error = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
+    assert error == [f"Error: cannot wipe {batch_node.job_dir}: Permission denied. (the logs and dumps were kept; "
+                     "the report says what was wiped)."], out.stderr
+    assert batch_node.job_dir.is_symlink() and (target / "in" / "data.bin").read_bytes() == b"input"
+
+
+def test_a_task_that_wrote_only_to_stderr_has_it_kept(batch_node: BatchNode, tmp_path: Path) -> None:
+    own = _release_node(batch_node)
+    work = batch_node.root / "workitems" / batch_node.job_id / "job-1"
+    (work / "task001" / "stdout.txt").unlink()
+    run(["release", "--upload-to", str(tmp_path / "kept")], _release_env(batch_node, own))
+    with tarfile.open(tmp_path / "kept" / batch_node.job_id / "tvm-1" / "logs.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"job-1/task001/stderr.txt", "job-1/task002/stdout.txt", "job-1/task002/stderr.txt"} <= names, names
+    assert "job-1/task001/stdout.txt" not in names
 
 
 def test_a_read_only_job_folder_is_exit_8_with_the_path_and_a_report(batch_node: BatchNode, tmp_path: Path) -> None:
