@@ -111,6 +111,7 @@ LANDING_TESTS = (
     "tests/test_units.py::test_a_landing_over_a_stale_temporary_file_holds_only_what_arrived",
     "tests/test_units.py::test_a_landing_without_a_source_time_keeps_the_time_it_arrived",
     "tests/test_units.py::test_a_discarded_landing_closes_its_file_removes_it_and_may_be_discarded_again",
+    "tests/test_units.py::test_a_landing_never_closes_a_descriptor_it_does_not_own",
     S + "test_landed_files_carry_the_sources_time_and_are_writable_without_the_cache",
     S + "test_a_body_damaged_once_in_transit_is_fetched_again_and_lands_whole",
     S + "test_a_folder_or_a_file_in_the_way_ends_with_8_and_is_left_alone",

@@ -272,3 +272,44 @@ def test_a_discarded_landing_closes_its_file_removes_it_and_may_be_discarded_aga
     assert list(tmp_path.iterdir()) == []
     landing.discard()  # after a failure the caller may discard again: nothing left to do, nothing raised
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_landing_never_closes_a_descriptor_it_does_not_own(tmp_path: Path) -> None:
+    """discard() before begin(), after a finish() that found a folder in the way, and twice after a transfer
+    that failed: stdin and stdout (descriptors 0 and 1) stay open."""
+    from nodekit.errors import InTheWay
+    from nodekit.land import Landing
+
+    saved = {fd: os.dup(fd) for fd in (0, 1)}
+    before = {fd: (os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (0, 1)}
+
+    def intact() -> bool:
+        try:
+            return all((os.fstat(fd).st_dev, os.fstat(fd).st_ino) == before[fd] for fd in (0, 1))
+        except OSError:
+            return False
+
+    try:
+        never_begun = Landing("n.bin", RemoteFile("n.bin", 1, "e", ""), str(tmp_path / "n.bin"), hash_wanted=False)
+        never_begun.discard()  # as after a begin() the disk refused
+        assert intact()
+        (tmp_path / "d.bin").mkdir()  # a folder where the file goes
+        landing = Landing("d.bin", RemoteFile("d.bin", 1, "e", ""), str(tmp_path / "d.bin"), hash_wanted=False)
+        landing.begin()
+        landing.write(b"x")
+        with pytest.raises(InTheWay):
+            landing.finish()
+        landing.discard()
+        landing.discard()
+        assert intact()
+        cut = Landing("c.bin", RemoteFile("c.bin", 9, "e", ""), str(tmp_path / "c.bin"), hash_wanted=False)
+        cut.begin()
+        cut.write(b"x")
+        cut.discard()  # a transfer that failed half-way
+        cut.discard()
+        assert intact()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bin"]
+    finally:
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
