@@ -436,6 +436,7 @@ class Outcome:
     survived: list[dict[str, Any]] = field(default_factory=list)
     incompetent: int = 0
     skipped: int = 0
+    pending: int = 0  # not run: the run was stopped before them
     seconds: float = 0.0
     coverage_s: float = 0.0
 
@@ -523,8 +524,18 @@ def run_target(name: str, target: Target, tree: Path, bin_dir: Path, env: dict[s
     started = time.monotonic()
     _run(["nice", "-n", "19", str(bin_dir / "cosmic-ray"), "exec", str(cfg), str(session)], cwd=tree, env=env)
     out.seconds = time.monotonic() - started
-    for item, result in _dump(bin_dir, session, tree, env):
+    read_session(out, _dump(bin_dir, session, tree, env))
+    log(f"{name}: killed {out.killed}/{out.total} in {out.seconds:.0f} s")
+    (work / "outcome.json").write_text(json.dumps({k: v for k, v in out.__dict__.items() if k != "target"}),
+                                       encoding="utf-8")
+    return out
+
+
+def read_session(out: Outcome, items: list[tuple[dict[str, Any], Any]]) -> None:
+    """Count a session's results into `out`; a mutant without a result (a run stopped early) is `pending`."""
+    for item, result in items:
         if result is None:
+            out.pending += 1
             continue
         if result.get("worker_outcome") == "skipped":
             out.skipped += 1
@@ -543,10 +554,6 @@ def run_target(name: str, target: Target, tree: Path, bin_dir: Path, env: dict[s
         else:
             out.incompetent += 1
     out.survived.sort(key=lambda s: (s["line"], s["operator"]))
-    log(f"{name}: killed {out.killed}/{out.total} in {out.seconds:.0f} s")
-    (work / "outcome.json").write_text(json.dumps({k: v for k, v in out.__dict__.items() if k != "target"}),
-                                       encoding="utf-8")
-    return out
 
 
 def _dump(bin_dir: Path, session: Path, tree: Path, env: dict[str, str]) -> list[tuple[dict[str, Any], Any]]:
@@ -598,16 +605,17 @@ def report(outcomes: list[Outcome], how: str) -> str:
         how,
         "",
         "| target | module | mutants | killed | survived (no test reaches it) | score | timeouts (counted killed) "
-        "| minutes (coverage + mutants) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| not run (run stopped) | minutes (coverage + mutants) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for o in outcomes:
         score = f"{100 * o.killed / o.total:.1f}%" if o.total else "-"
         uncovered = sum(1 for s in o.survived if s["uncovered"])
         lines.append(f"| {o.name} | `{o.target.module}` | {o.total} | {o.killed} | {len(o.survived)} ({uncovered}) | "
-                     f"{score} | {o.timeouts} | {o.coverage_s / 60:.1f} + {o.seconds / 60:.1f} |")
+                     f"{score} | {o.timeouts} | {o.pending} | {o.coverage_s / 60:.1f} + {o.seconds / 60:.1f} |")
     lines.append(f"| **all** | | {total} | {killed} | {total - killed} | "
                  f"**{100 * killed / max(total, 1):.1f}%** | {sum(o.timeouts for o in outcomes)} | "
+                 f"{sum(o.pending for o in outcomes)} | "
                  f"{sum(o.coverage_s + o.seconds for o in outcomes) / 60:.1f} |")
     for o in outcomes:
         lines += ["", f"## {o.name}: {o.target.note}", "",
@@ -668,6 +676,10 @@ def main() -> None:
                 if (folder / n / "outcome.json").exists():
                     data = json.loads((folder / n / "outcome.json").read_text(encoding="utf-8"))
                     found[n] = Outcome(target=TARGETS[n], **data)
+                elif (folder / n / "session.sqlite").exists():  # a run stopped early: what it did
+                    found[n] = Outcome(n, TARGETS[n])
+                    read_session(found[n], _dump(ensure_tool(), folder / n / "session.sqlite", ROOT,
+                                                 dict(os.environ)))
         folders = ", ".join(str(f) for f in args.report_from)
         how = (f"Assembled with `--report-from` from the outcomes saved in {folders}"
                f"{f' (commit {args.rev})' if args.rev else ''}, {TOOL}, on {os.cpu_count()} cores; "
