@@ -285,6 +285,17 @@ def test_release_knows_its_own_folder_from_its_working_folder_or_where_it_runs(b
         assert not (work / "task001" / "wd").exists() and not batch_node.job_dir.exists()
         manifest = json.loads((tmp_path / f"kept{n}" / batch_node.job_id / "tvm-1" / "manifest.json").read_text())
         assert "jobrelease" not in json.dumps(manifest), manifest
+    # neither variable: only the folder it runs in says which task is its own (its logs are not collected)
+    cwd = os.getcwd()
+    os.chdir(own / "wd")
+    try:
+        run(["release", "--upload-to", str(tmp_path / "kept2")],
+            _release_env(batch_node, own, AZ_BATCH_TASK_DIR="", AZ_BATCH_TASK_WORKING_DIR=""))
+    finally:
+        os.chdir(cwd)
+    with tarfile.open(tmp_path / "kept2" / batch_node.job_id / "tvm-1" / "logs.tar.gz") as tar:
+        names = tar.getnames()
+    assert "job-1/task002/stdout.txt" in names and not [n for n in names if "jobrelease" in n], names
 
 
 def test_a_local_source_copies_linked_files_and_names_each_entry_it_skips(batch_node: BatchNode,
