@@ -241,6 +241,7 @@ TARGETS: dict[str, Target] = {
             "tests/test_units.py::test_redaction",
             "tests/test_units.py::test_sas_is_kept_for_requests_but_not_shown",
             "tests/test_prep_robust.py::test_no_sas_or_key_in_any_output",
+            "tests/test_hostile.py::test_control_characters_in_names_never_reach_the_terminal",
         ),
     ),
     "cache": Target(
