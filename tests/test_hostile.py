@@ -421,6 +421,23 @@ def test_a_task_that_wrote_only_to_stderr_has_it_kept(batch_node: BatchNode, tmp
     assert "job-1/task001/stdout.txt" not in names
 
 
+def test_a_folder_prep_cannot_create_is_exit_8_naming_it(batch_node: BatchNode, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "x.txt").write_text("x")
+    landed = batch_node.job_dir / "in"
+    landed.mkdir(parents=True)
+    landed.chmod(0o555)  # the pool's user cannot make in/sub
+    try:
+        out = _nodekit(["prep", f"in={src}", "--progress-interval", "0"], batch_node.env(), _as_unprivileged())
+    finally:
+        landed.chmod(0o755)
+    assert out.returncode == 8, out.stderr
+    error = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and str(landed / "sub") in error[0] and "ermission denied" in error[0], out.stderr
+    assert list(landed.iterdir()) == []
+
+
 def test_a_read_only_job_folder_is_exit_8_with_the_path_and_a_report(batch_node: BatchNode, tmp_path: Path) -> None:
     src = _sample(batch_node, tmp_path)
     run(["prep", f"in={src}", "--progress-interval", "0"], batch_node.env())

@@ -13,6 +13,7 @@ import http.server
 import io
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -252,6 +253,32 @@ def test_a_body_damaged_once_in_transit_is_fetched_again_and_lands_whole(proxy: 
     assert proxy.bytes_by_path[f"/devstoreaccount1/{blob_remote.container}/a.bin"] == 2 * len(data)
     assert (batch_node.job_dir / "in" / "a.bin").read_bytes() == data  # the second copy only, from its first byte
     assert not list(batch_node.job_dir.rglob("*.nodekit-partial"))
+
+
+@pytest.mark.parametrize("name", ["big.bin", "small.txt"])
+def test_a_blob_storage_no_longer_serves_fails_the_run_and_lands_nowhere(name: str, proxy: FaultProxy,
+                                                                         blob_remote: BlobRemote,
+                                                                         batch_node: BatchNode) -> None:
+    blob_remote.put("big.bin", os.urandom(17 * MIB), blocks=True)  # over 16 MiB: fetched as ranges
+    blob_remote.put("small.txt", b"small")
+    proxy.set_rules([Rule("404", pattern=rf"^GET \S*/{re.escape(name)}")])  # listed, then gone (every range)
+    via = f"http://127.0.0.1:{proxy.port}/devstoreaccount1/{blob_remote.container}"
+    result = run(["prep", f"in={via}", "--progress-interval", "0"], batch_node.env(**remote_env(blob_remote)),
+                 ok=False)
+    assert result.exit_code == 4, result.output
+    assert name in result.stderr
+    assert not (batch_node.job_dir / "in" / name).exists()
+    assert not list(batch_node.job_dir.rglob("*.nodekit-partial"))
+
+
+def test_two_local_sources_each_land_their_own_files(batch_node: BatchNode, tmp_path: Path) -> None:
+    for folder in ("first", "second"):
+        (tmp_path / folder / "sub").mkdir(parents=True)
+        (tmp_path / folder / "sub" / "same-name.txt").write_text(f"from {folder}")
+    run(["prep", f"first={tmp_path / 'first'}", f"second={tmp_path / 'second'}", "--progress-interval", "0"],
+        batch_node.env())
+    assert tree(batch_node.job_dir) == {"first/sub/same-name.txt": b"from first",
+                                        "second/sub/same-name.txt": b"from second"}
 
 
 def test_a_download_larger_than_the_free_disk_is_refused_before_writing_anything(batch_node: BatchNode,
