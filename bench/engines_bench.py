@@ -46,9 +46,11 @@ if engine == "sdk":
     import requests
     from azure.core.pipeline.transport import RequestsTransport
     from azure.storage.blob import ContainerClient
-    session = requests.Session(); session.mount("https://", requests.adapters.HTTPAdapter(pool_maxsize=70))
+    session = requests.Session(); session.verify = ca  # a transport of our own: its session decides trust
+    session.mount("https://", requests.adapters.HTTPAdapter(pool_maxsize=70))
     cc = ContainerClient(url.rsplit("/", 1)[0], url.rsplit("/", 1)[1], credential=sas, connection_verify=ca,
-                         transport=RequestsTransport(session=session, session_owner=False), retry_total=0)
+                         transport=RequestsTransport(session=session, session_owner=False, connection_verify=ca),
+                         retry_total=0)
     with ThreadPoolExecutor(64) as ex:
         list(ex.map(lambda n: land(n, cc.get_blob_client(n).download_blob().readall()), names))
 elif engine == "urllib3":
