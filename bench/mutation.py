@@ -201,6 +201,7 @@ TARGETS: dict[str, Target] = {
             "tests/test_hostile.py::test_a_job_folder_that_is_a_link_the_wipe_cannot_remove_is_exit_8_and_its_target_"
             "is_untouched",
             "tests/test_hostile.py::test_a_task_that_wrote_only_to_stderr_has_it_kept",
+            "tests/test_hostile.py::test_one_file_the_wipe_cannot_delete_is_named_and_its_folder_counted",
             "tests/test_release_keep.py",
             "tests/test_hostile.py::test_release_refuses_what_would_destroy_what_it_keeps",
             "tests/test_conventions.py",
