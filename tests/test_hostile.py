@@ -364,6 +364,17 @@ def _nodekit(args: list[str], env: dict[str, str], prefix: list[str] = (), **kw:
                           capture_output=True, text=True, timeout=120, **kw)  # type: ignore[call-overload]
 
 
+def _release_refused_by_the_disk(node: BatchNode, own: Path, dest: Path, read_only: Path) -> list[str]:
+    """Run release as the pool's user with `read_only` made 0o555 meanwhile: asserts exit 8, returns its Error lines."""
+    read_only.chmod(0o555)
+    try:
+        out = _nodekit(["release", "--upload-to", str(dest)], _release_env(node, own), _as_unprivileged())
+    finally:
+        read_only.chmod(0o755)
+    assert out.returncode == 8, out.stderr
+    return [line for line in out.stderr.splitlines() if line.startswith("Error:")]
+
+
 def test_a_wipe_that_cannot_delete_everything_deletes_the_rest_after_keeping_the_logs_and_ends_with_8(
         batch_node: BatchNode, tmp_path: Path) -> None:
     own = _release_node(batch_node)
@@ -374,14 +385,8 @@ def test_a_wipe_that_cannot_delete_everything_deletes_the_rest_after_keeping_the
     (batch_node.job_dir / "free").mkdir()
     (batch_node.job_dir / "free" / "f.txt").write_text("free")
     first = next(os.scandir(locked)).name  # the order the wipe meets them in
-    locked.chmod(0o555)  # its files cannot be unlinked without root's override
-    try:
-        out = _nodekit(["release", "--upload-to", str(tmp_path / "kept")], _release_env(batch_node, own),
-                       _as_unprivileged())
-    finally:
-        locked.chmod(0o755)
-    assert out.returncode == 8, out.stderr
-    error = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
+    # locked's files cannot be unlinked without root's override
+    error = _release_refused_by_the_disk(batch_node, own, tmp_path / "kept", locked)
     # a and b, then the two folders they keep from being removed: the first named, the other three counted
     assert len(error) == 1 and error[0].startswith(f"Error: cannot wipe {locked / first}: Permission denied "
                                                    "(and 3 more); check the folder's permissions."), error
@@ -396,14 +401,7 @@ def test_one_file_the_wipe_cannot_delete_is_named_and_its_folder_counted(batch_n
     shutil.rmtree(batch_node.job_dir / "in")
     stuck = batch_node.job_dir / "top.bin"
     stuck.write_bytes(b"written by admin")
-    batch_node.job_dir.chmod(0o555)
-    try:
-        out = _nodekit(["release", "--upload-to", str(tmp_path / "kept")], _release_env(batch_node, own),
-                       _as_unprivileged())
-    finally:
-        batch_node.job_dir.chmod(0o755)
-    assert out.returncode == 8, out.stderr
-    error = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
+    error = _release_refused_by_the_disk(batch_node, own, tmp_path / "kept", batch_node.job_dir)
     # the file, then the job folder it keeps from being removed
     assert len(error) == 1 and error[0].startswith(f"Error: cannot wipe {stuck}: Permission denied (and 1 more); "), \
         error
@@ -416,16 +414,10 @@ def test_a_job_folder_that_is_a_link_the_wipe_cannot_remove_is_exit_8_and_its_ta
     target = tmp_path / "elsewhere"
     shutil.move(batch_node.job_dir, target)
     batch_node.job_dir.symlink_to(target)
-    batch_node.shared.chmod(0o555)  # the link cannot be removed by the pool's user
-    try:
-        out = _nodekit(["release", "--upload-to", str(tmp_path / "kept")], _release_env(batch_node, own),
-                       _as_unprivileged())
-    finally:
-        batch_node.shared.chmod(0o755)
-    assert out.returncode == 8, out.stderr
-    error = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
+    # the link cannot be removed by the pool's user
+    error = _release_refused_by_the_disk(batch_node, own, tmp_path / "kept", batch_node.shared)
     assert error == [f"Error: cannot wipe {batch_node.job_dir}: Permission denied. (the logs and dumps were kept; "
-                     "the report says what was wiped)."], out.stderr
+                     "the report says what was wiped)."], error
     assert batch_node.job_dir.is_symlink() and (target / "in" / "data.bin").read_bytes() == b"input"
 
 
