@@ -35,11 +35,16 @@ def _blob(name: str, size: str = "5") -> str:
 
 
 def _serve(script: ScriptedServer, batch_node: BatchNode, tmp_path: Path, *extra: str) -> tuple[object, float, dict]:
+    """Start `script`, run prep against it, stop it: (result, seconds prep took, its report)."""
     rep = tmp_path / "r.json"
-    started = time.monotonic()
-    result = run(["prep", f"in=http://127.0.0.1:{script.port}/devstoreaccount1/cont?{SAS}", "--report", str(rep),
-                  "--progress-interval", "0", *extra], batch_node.env(), ok=False)
-    took = time.monotonic() - started
+    script.start()
+    try:
+        started = time.monotonic()
+        result = run(["prep", f"in=http://127.0.0.1:{script.port}/devstoreaccount1/cont?{SAS}", "--report",
+                      str(rep), "--progress-interval", "0", *extra], batch_node.env(), ok=False)
+        took = time.monotonic() - started
+    finally:
+        script.stop()
     return result, took, report(rep) if rep.exists() else {}
 
 
@@ -50,11 +55,8 @@ def test_a_listing_that_never_ends_stops_at_the_deadline(batch_node: BatchNode, 
         n = next(counter)
         return 200, {"Content-Type": "application/xml"}, _listing(_blob(f"f{n:09}.txt"), marker=f"m{n + 1}")
 
-    server = ScriptedServer(endless).start()
-    try:
-        result, took, rep = _serve(server, batch_node, tmp_path, "--timeout", "3")
-    finally:
-        server.stop()
+    server = ScriptedServer(endless)
+    result, took, rep = _serve(server, batch_node, tmp_path, "--timeout", "3")
     assert result.exit_code == 5, result.stderr  # type: ignore[attr-defined]
     assert "timeout" in result.stderr and len(result.stderr.strip().splitlines()) == 1  # type: ignore[attr-defined]
     assert took < 8, took
@@ -67,11 +69,8 @@ def test_a_listing_that_repeats_its_marker_is_an_error(batch_node: BatchNode, tm
     def stuck(method: str, path: str, query: dict[str, list[str]]) -> Answer:
         return 200, {"Content-Type": "application/xml"}, _listing(_blob("a.txt"), marker="again")
 
-    server = ScriptedServer(stuck).start()
-    try:
-        result, took, _ = _serve(server, batch_node, tmp_path, "--timeout", "60")
-    finally:
-        server.stop()
+    server = ScriptedServer(stuck)
+    result, took, _ = _serve(server, batch_node, tmp_path, "--timeout", "60")
     assert result.exit_code == 4, result.stderr  # type: ignore[attr-defined]
     assert "the same continuation marker twice" in result.stderr  # type: ignore[attr-defined]
     assert took < 10 and server.requests < 10
@@ -86,11 +85,8 @@ def test_a_listing_that_repeats_its_marker_is_an_error(batch_node: BatchNode, tm
 ])
 def test_a_listing_that_is_not_a_listing_is_refused(body: bytes, says: str, batch_node: BatchNode,
                                                     tmp_path: Path) -> None:
-    server = ScriptedServer(lambda m, p, q: (200, {"Content-Type": "application/xml"}, body)).start()
-    try:
-        result, _, rep = _serve(server, batch_node, tmp_path)
-    finally:
-        server.stop()
+    server = ScriptedServer(lambda m, p, q: (200, {"Content-Type": "application/xml"}, body))
+    result, _, rep = _serve(server, batch_node, tmp_path)
     assert result.exit_code == 4, result.stderr  # type: ignore[attr-defined]
     assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1  # type: ignore[attr-defined]
     assert rep == {} and not batch_node.job_dir.exists()  # a refused source changes nothing, not even the report
