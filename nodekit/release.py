@@ -222,8 +222,9 @@ def _own_tasks(env: BatchEnv, work: Path) -> tuple[Path, ...]:
     AZ_BATCH_TASK_WORKING_DIR, and the task folder (WORK/job-N/TASK) this process runs in."""
     clues = [env.task_dir, os.path.dirname(env.task_working_dir.rstrip("/\\")) if env.task_working_dir else None]
     cwd = Path(os.path.realpath(os.getcwd()))
-    if work in cwd.parents and len(cwd.relative_to(work).parts) >= 2:
-        clues.append(str(work.joinpath(*cwd.relative_to(work).parts[:2])))
+    below = cwd.relative_to(work).parts if work in cwd.parents else ()
+    if len(below) >= 2:
+        clues.append(str(work.joinpath(*below[:2])))
     return tuple(dict.fromkeys(Path(os.path.realpath(c)) for c in clues if c and c.strip()))
 
 
@@ -408,13 +409,14 @@ def check_destination(places: JobPlaces, dest: SourceSpec, wipe_task_dirs: bool,
     if not os.path.isabs(raw):
         raise UsageError(f"--upload-to {dest.path}: a local destination must be an absolute path (a relative one "
                          "resolves in the release task's working folder, which Batch deletes).")
-    existing = Path(os.path.realpath(raw))
+    resolved = Path(os.path.realpath(raw))
+    existing = resolved
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise UsageError(f"--upload-to {dest.path}: {existing} is not a folder: give a folder (created if missing) "
                          "or a blob container URL.")
-    target = Path(os.path.realpath(raw)).joinpath(*(below if below is not None else (places.job_id, places.node_id)))
+    target = resolved.joinpath(*(below if below is not None else (places.job_id, places.node_id)))
 
     def refuse(what: str) -> None:
         raise UnsafeInput(f"--upload-to {dest.path}: the logs would go to {target}, inside {what}, which "
