@@ -211,10 +211,10 @@ def prep_args(desc: Description) -> list[str]:
         args += ["--md5", desc.md5]
     if not desc.cache:
         args.append("--no-cache")
-    if desc.skip_archived:
-        args.append("--skip-archived")
     elif desc.cache_max_size:
         args += ["--cache-max-size", desc.cache_max_size]
+    if desc.skip_archived:
+        args.append("--skip-archived")
     if desc.identity_client_id:
         args += ["--identity-client-id", desc.identity_client_id]
     return args

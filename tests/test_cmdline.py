@@ -406,3 +406,17 @@ def test_a_url_whose_query_carries_no_credential_is_passed_on() -> None:
     result = run(["cmdline", "--job-id", "job1", "--upload-to", "https://acct1.blob.core.windows.net/logs",
                   "m=https://files.example.com/model.bin?download=1&version=3"], {})
     assert "m=https://files.example.com/model.bin?download=1&version=3" in result.stdout
+
+
+@pytest.mark.parametrize(("cache", "skip_archived", "want"), [
+    (True, True, ["--cache-max-size", "20%", "--skip-archived"]),
+    (True, False, ["--cache-max-size", "20%"]),
+    (False, True, ["--no-cache", "--skip-archived"]),
+])
+def test_prep_args_carry_the_cache_settings_and_skip_archived_each_on_its_own(cache: bool, skip_archived: bool,
+                                                                           want: list[str]) -> None:
+    desc = Description(job_id="j", sources=(parse_source("https://acct1.blob.core.windows.net/data", name="in"),),
+                       cache=cache, cache_max_size="20%", skip_archived=skip_archived)
+    args = prep_args(desc)
+    flags = [a for a in args if a in ("--no-cache", "--cache-max-size", "20%", "--skip-archived")]
+    assert flags == want, args
