@@ -194,4 +194,3 @@ def remove_placed(job_dir: Path, items: Iterable[PlannedFile], state: StateStore
             parent = parent.parent
 
 
-_disk_error = disk_error  # the name transfer.py imports

@@ -31,9 +31,9 @@ from nodekit.plan import (  # noqa: F401  (Action, LocalStat, decide, human_byte
     Action,
     LocalStat,
     PlannedFile,
-    _disk_error,
     _unlink_quietly,
     decide,
+    disk_error,
     human_bytes,
 )
 from nodekit.state import Record, StateStore
@@ -225,7 +225,7 @@ class Downloader:
                         raise InTheWay(f"{d} is a file where nodekit needs a folder; remove it and run again.") \
                             from None
                 except OSError as err:
-                    raise _disk_error(err, d) from err
+                    raise disk_error(err, d) from err
                 self._dirs_ok.add(d)
 
     def _final(self, path: str) -> Path:
@@ -361,7 +361,7 @@ class Downloader:
             return
         except OSError as oerr:
             landing.discard()
-            self._fail(item, _disk_error(oerr, Path(landing.tmp)))
+            self._fail(item, disk_error(oerr, Path(landing.tmp)))
             return
         self._record(item, landing.final, md5, verified, st=st)
 
@@ -371,7 +371,7 @@ class Downloader:
         try:
             part.close()
         except OSError as oerr:  # the last write-back failed: the range is not whole
-            err = err or _disk_error(oerr, big.tmp)
+            err = err or disk_error(oerr, big.tmp)
         with big.lock:
             big.pending -= 1
             if err is not None and big.failed is None:
@@ -411,7 +411,7 @@ class Downloader:
                 _hash_range(big.fd, big.tmp, big.hashed_to, stop, big.hasher)
                 big.hashed_to = stop
         except OSError as err:
-            big.failed = _disk_error(err, big.tmp)
+            big.failed = disk_error(err, big.tmp)
         finally:
             self._engine.release()
 
@@ -449,7 +449,7 @@ class Downloader:
             if isinstance(err, IsADirectoryError):
                 err = InTheWay(f"{big.final} is a folder where the source has a file; remove it and run again.")
             elif isinstance(err, OSError):
-                err = _disk_error(err, big.tmp)
+                err = disk_error(err, big.tmp)
             self._fail(item, err)
         finally:
             if held:
@@ -472,13 +472,13 @@ class Downloader:
             try:
                 landing.write(data)
             except OSError as err:  # the disk's error, not the source's
-                raise _disk_error(err, Path(landing.tmp)) from err
+                raise disk_error(err, Path(landing.tmp)) from err
 
         try:
             try:
                 landing.begin()
             except OSError as err:
-                raise _disk_error(err, Path(landing.tmp)) from err
+                raise disk_error(err, Path(landing.tmp)) from err
             for attempt in range(1, INTEGRITY_ATTEMPTS + 1):
                 try:
                     store.fetch(remote, 0, remote.size, sink)
@@ -490,7 +490,7 @@ class Downloader:
                     landing.rewind()
                     self.ctx.backoff(attempt, f"copying {item.path}", str(err))
                 except OSError as err:
-                    raise _disk_error(err, Path(landing.tmp)) from err
+                    raise disk_error(err, Path(landing.tmp)) from err
         except BaseException:
             landing.discard()
             raise

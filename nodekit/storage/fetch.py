@@ -157,9 +157,9 @@ class CurlEngine:
             except NodekitError as err:
                 get.error = err
             except OSError as err:
-                from nodekit.plan import _disk_error
+                from nodekit.plan import disk_error
 
-                get.error = _disk_error(err, _where(get.body))
+                get.error = disk_error(err, _where(get.body))
             except Exception as err:  # a bug: end this Get with it, never print from a callback
                 get.error = NodekitError(f"unexpected {type(err).__name__} while writing: {err}")
             return 0  # tells libcurl to stop this transfer
@@ -229,6 +229,8 @@ class CurlEngine:
                     self._pending.append(self._inbox.popleft())
                 if self.ctx.stop.is_set() or self.ctx.remaining() <= 0:
                     self._end_all(done)
+                    if self._holds > 0:  # the hashing thread still holds the run: wait for it without spinning
+                        time.sleep(0.05)
                     continue
                 now = time.monotonic()
                 while self._timers and self._timers[0][0] <= now:
@@ -240,9 +242,9 @@ class CurlEngine:
                     except NodekitError as err:  # a token that cannot be had
                         done(get, err)
                     except OSError as err:  # the body's file cannot be created
-                        from nodekit.plan import _disk_error
+                        from nodekit.plan import disk_error
 
-                        done(get, _disk_error(err, _where(get.body)))
+                        done(get, disk_error(err, _where(get.body)))
                 while self.multi.perform()[0] == pc.E_CALL_MULTI_PERFORM:
                     pass
                 while True:
@@ -299,9 +301,9 @@ class CurlEngine:
             try:
                 get.pos = get.body.settle()  # type: ignore[attr-defined]
             except OSError as err:
-                from nodekit.plan import _disk_error
+                from nodekit.plan import disk_error
 
-                get.error = get.error or _disk_error(err, _where(get.body))
+                get.error = get.error or disk_error(err, _where(get.body))
             if get.refused is not None:
                 errno, message = 0, ""  # stopped by the head check: judged by the status it saw
         if get.error is not None:  # the body refused the bytes (a full disk, too many bytes)
