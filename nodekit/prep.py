@@ -275,7 +275,7 @@ def run_prep(opts: PrepOptions, env: BatchEnv, creds: CredentialEnv,
 
 
 def _fail_report(result: PrepResult, err: NodekitError, ctx: RunContext, opts: PrepOptions, env: BatchEnv) -> None:
-    """The report of a run that failed on the node's disk (written once: a failed download wrote it already)."""
+    """The report of a run that failed (written once: a failed download wrote it already; none in a dry run)."""
     if result.error is None and not opts.dry_run:
         result.error = str(err)
         result.retries, result.elapsed = ctx.retries, time.monotonic() - ctx.started
@@ -293,10 +293,8 @@ def _run(opts: PrepOptions, env: BatchEnv, emit: Callable[[str], None], shared: 
             if final and final != store.display:  # a URL that redirected: where the data came from
                 shown["final_url"] = final
     except NodekitError as err:
-        if err.retryable and not opts.dry_run:  # the run did not finish (a deadline, storage down): say why
-            result.error = str(err)
-            result.retries, result.elapsed = ctx.retries, time.monotonic() - ctx.started
-            _write_report(result, opts, env)
+        if err.retryable:  # the run did not finish (a deadline, storage down): say why
+            _fail_report(result, err, ctx, opts, env)
         raise  # a refused input changes nothing, not even the report
     finally:
         scan.join()
