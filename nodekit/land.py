@@ -16,7 +16,6 @@ import hashlib
 import os
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from nodekit.errors import IntegrityError, InTheWay
@@ -158,7 +157,3 @@ class Landing:
             os.unlink(self.tmp)
         except OSError:
             pass
-
-
-def final_path(job_dir: Path, path: str) -> Path:
-    return job_dir.joinpath(*path.split("/"))
