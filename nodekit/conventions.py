@@ -29,6 +29,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+from nodekit.batchenv import is_batch_id
 from nodekit.errors import UsageError
 
 CONTAINER_PREFIX = "job-"
@@ -42,7 +43,6 @@ JOB_KINDS = ("JobOutput", "JobPreview")
 TASK_KINDS = ("TaskOutput", "TaskLog", "TaskPreview", "TaskIntermediate")
 # Tasks that run on every node under one id: their files are kept per node.
 PER_NODE_TASKS = ("jobpreparation", "jobrelease")
-_BATCH_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def container_name(job_id: str) -> str:
@@ -127,7 +127,7 @@ def parse_job_ref(text: str) -> JobRef:
     kind = None
     if len(parts) > 1 and parts[-1].startswith("$"):
         kind = parts.pop()[1:]
-    if not 1 <= len(parts) <= 2 or not all(_BATCH_ID.match(p) for p in parts):
+    if not 1 <= len(parts) <= 2 or not all(is_batch_id(p) for p in parts):
         raise UsageError(f"'job:{ref}' is not {usage}: job and task ids are letters, digits, '-' and '_' "
                          "(at most 64), and a kind starts with '$'.")
     job_id = parts[0]
