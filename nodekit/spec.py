@@ -552,11 +552,12 @@ def read_json(path: str | Path, what: str) -> Any:
     import json  # not paid for by runs without a description file
 
     def no_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [k for k, _ in pairs]
-        twice = next((k for k in keys if keys.count(k) > 1), None)
-        if twice is not None:
-            raise UsageError(f"{what} {path} gives {twice!r} twice in one object: keep one (JSON would silently "
-                             "take the last).")
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise UsageError(f"{what} {path} gives {key!r} twice in one object: keep one (JSON would silently "
+                                 "take the last).")
+            seen.add(key)
         return dict(pairs)
 
     try:
