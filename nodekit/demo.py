@@ -66,8 +66,8 @@ def _seed_azurite(endpoint: str) -> tuple[str, str]:
     creds = CredentialEnv.from_environ(_azurite_env(base))
     net, ctx = NetConfig(), RunContext(timeout=60)
     source, account = f"{base}/{DEV_ACCOUNT}/nodekit-demo-input", f"{base}/{DEV_ACCOUNT}"
-    open_destination(parse_source(source, name="c"), creds, net, ctx).create_container()  # type: ignore[attr-defined]
     dest = open_destination(parse_source(source, name="in"), creds, net, ctx)
+    dest.create_container()  # type: ignore[attr-defined]
     sample = LocalStore(str(Path(__file__).parent / "sample"))
     for f in sample.list_files():
         chunks: list[bytes] = []
