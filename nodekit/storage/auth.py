@@ -154,11 +154,6 @@ class TokenSource:
     def header(self) -> str:
         return f"Authorization: Bearer {self.get_token(STORAGE_SCOPE).token}"
 
-    def close(self) -> None:
-        close = getattr(self.credential, "close", None)
-        if close is not None:
-            close()
-
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()

@@ -58,13 +58,13 @@ class NetConfig:
     _proxies: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str], *, read_timeout: float = 60.0, pool_size: int = 16) -> NetConfig:
+    def from_environ(cls, environ: Mapping[str, str], *, read_timeout: float = 60.0) -> NetConfig:
         """Read the CA variables (proxies are resolved per URL, by requests' rules, when used)."""
         for name in CA_VARIABLES:
             value = (environ.get(name) or "").strip()
             if value:
-                return cls(ca_bundle=value, ca_variable=name, read_timeout=read_timeout, pool_size=pool_size)
-        return cls(read_timeout=read_timeout, pool_size=pool_size)
+                return cls(ca_bundle=value, ca_variable=name, read_timeout=read_timeout)
+        return cls(read_timeout=read_timeout)
 
     # -- trust ---------------------------------------------------------------------------------
     def verify(self) -> str:
@@ -126,12 +126,6 @@ class NetConfig:
         of its own (nodekit's retry decision is in storage/retry.py)."""
         return {"transport": self.transport(), "connection_verify": self.verify(), "user_agent": user_agent(),
                 "retry_total": 0, "logging_enable": False}
-
-    def close(self) -> None:
-        with self._lock:
-            if self._session is not None:
-                self._session.close()
-                self._session = None
 
 
 def curl_ca_options(verify: str) -> tuple[str, str]:
